@@ -1,0 +1,45 @@
+"""bonsai_prune: forward-only structured pruning of LLMs (Bonsai) for math reasoning.
+
+Where things live: heads and neurons are masked and sliced in ``models/llama.py``; U† is
+computed in ``utility/comprehensive.py`` from the metrics in ``utility/metrics.py``; the round
+loop is ``pruner.py``; ``api.prune`` is the entry point.
+"""
+
+__version__ = "0.1.0"
+
+from .api import PruneResult, prune
+from .config import PruneConfig, UtilityConfig
+from .data import Problem, load_gsm8k, load_problems
+from .errors import (
+    BonsaiPruneError,
+    ConfigError,
+    DataError,
+    ModelLoadError,
+    PruningError,
+    RunDirectoryError,
+    UnsupportedModelError,
+)
+from .io import load_pruned
+from .models import adapter_for, load_model
+from .scoring import score_texts
+
+__all__ = [
+    "BonsaiPruneError",
+    "ConfigError",
+    "DataError",
+    "ModelLoadError",
+    "Problem",
+    "PruneConfig",
+    "PruneResult",
+    "PruningError",
+    "RunDirectoryError",
+    "UnsupportedModelError",
+    "UtilityConfig",
+    "adapter_for",
+    "load_gsm8k",
+    "load_model",
+    "load_problems",
+    "load_pruned",
+    "prune",
+    "score_texts",
+]

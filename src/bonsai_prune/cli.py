@@ -1,0 +1,231 @@
+"""The ``bonsai-prune`` command: thin argument parsing over the library API.
+
+Every command builds a config and makes one library call. A :class:`BonsaiPruneError` (a
+problem the user can fix) is printed as one line on stderr with exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import BonsaiPruneError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake on one line (and exits 2, as argparse does)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="default",
+        help="'default' (packaged SmolLM2-135M-Instruct), a local directory, a run directory or a hub id",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32", "fp16"],
+        help="auto: bf16 on CUDA or CPUs with native bf16, else fp32",
+    )
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def _add_utility_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        default="acc=50,lex=25,sem=25",
+        help="U† weights summing to 100, e.g. acc=38,lex=38,sem=24",
+    )
+    p.add_argument("--accuracy", default="strict", choices=["strict", "contains"])
+    p.add_argument("--lexical", default="rouge_numbers", choices=["rouge_numbers", "token_f1"])
+    p.add_argument(
+        "--prompt",
+        default="chat",
+        choices=["chat", "plain"],
+        help="the model's chat template (default) or plain 'Question: ... Answer:' text",
+    )
+    p.add_argument(
+        "--shots", type=int, default=0, help="k worked GSM8K train exemplars in the prompt"
+    )
+
+
+def _utility_config(args, name: str):
+    from .config import UtilityConfig
+    from .utility.weights import parse_weights
+
+    return UtilityConfig(
+        name=name,
+        weights=parse_weights(args.weights),
+        accuracy=args.accuracy,
+        lexical=args.lexical,
+        gen_tokens=getattr(args, "gen_tokens", 20),
+        prompt=args.prompt,
+        shots=args.shots,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bonsai-prune", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = commands.add_parser("prune", help="prune a model with Bonsai")
+    _add_model_options(p)
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.3,
+        help="target fraction of non-embedding parameters removed",
+    )
+    p.add_argument(
+        "--prune-frac",
+        type=float,
+        default=0.1,
+        help="fraction of the original parameters removed per round",
+    )
+    p.add_argument("--masks-per-round", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prior", default="wanda")
+    p.add_argument("--units", default="both", choices=["both", "heads", "neurons"])
+    p.add_argument("--regression", default="ridge", choices=["ridge", "lasso"])
+    p.add_argument(
+        "--allow-empty-modules", action="store_true", help="an MLP may lose all its neurons"
+    )
+    p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument(
+        "--data",
+        default=None,
+        help="JSONL of question/answer lines (default: packaged GSM8K train)",
+    )
+    p.add_argument("--utility", default="perplexity", help="perplexity or comprehensive (U†)")
+    p.add_argument(
+        "--gen-tokens", type=int, default=20, help="tokens each sub-model generates for U†"
+    )
+    _add_utility_options(p)
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out after its last completed round",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_prune)
+
+    p = commands.add_parser("score", help="score predictions against references with U†")
+    p.add_argument("input", help='JSONL lines of {"prediction", "reference"}')
+    _add_utility_options(p)
+    p.add_argument("--out", default=None, help="write one JSON object of scores per input line")
+    p.set_defaults(run=_cmd_score)
+    return parser
+
+
+def _cmd_prune(args) -> int:
+    from .api import prune
+    from .config import PruneConfig
+
+    config = PruneConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        sparsity=args.sparsity,
+        prune_frac=args.prune_frac,
+        masks_per_round=args.masks_per_round,
+        calib_samples=args.calib_samples,
+        seed=args.seed,
+        prior=args.prior,
+        units=args.units,
+        regression=args.regression,
+        allow_empty_modules=args.allow_empty_modules,
+        tolerance=args.tolerance,
+        data=args.data,
+        utility=_utility_config(args, args.utility),
+    )
+    _check_registered(config)
+    result = prune(
+        config,
+        out_dir=args.out,
+        progress=not args.quiet,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    print(format_summary(result.report, args.out))
+    return 0
+
+
+def _check_registered(config) -> None:
+    """Unknown prior or utility names fail before the model is loaded."""
+    from .priors import PRIORS
+    from .utility import UTILITIES
+
+    PRIORS.get(config.prior)
+    UTILITIES.get(config.utility.name)
+
+
+def format_summary(report: dict, out: str | None) -> str:
+    lines = [
+        f"parameters (non-embedding): {report['params_before']:,} -> {report['params_after']:,}",
+        f"parameters (total):         {report['total_params_before']:,} -> {report['total_params_after']:,}",
+        f"sparsity reached: {report['sparsity']:.4f} (target {report['config']['sparsity']})"
+        f" in {report['n_rounds']} round(s)",
+    ]
+    for r in report["rounds"]:
+        lines.append(
+            f"  round {r['index']}: utility {r['utility_before']:.4f} -> sparsity {r['sparsity']:.4f}"
+            f" ({sum(r['timings'].values()):.0f} s, {r['n_failed']} failed sub-models)"
+        )
+    if report.get("utility_final") is not None:
+        lines.append(f"  final utility: {report['utility_final']:.4f}")
+    phases = ", ".join(f"{k} {v:.0f} s" for k, v in report["phase_seconds"].items())
+    lines.append(
+        f"time: {report['wall_s']:.0f} s ({phases}; model load {report['model_load_s']:.0f} s)"
+    )
+    if out:
+        lines.append(f"pruned model and report: {out}")
+    return "\n".join(lines)
+
+
+def _cmd_score(args) -> int:
+    from .io import atomic_write_text
+    from .scoring import load_score_file, score_texts
+    from .utility.weights import parse_weights
+
+    predictions, references = load_score_file(args.input)
+    result = score_texts(
+        predictions,
+        references,
+        parse_weights(args.weights),
+        accuracy_rule=args.accuracy,
+        lexical=args.lexical,
+    )
+    if args.out:
+        atomic_write_text(
+            Path(args.out), "".join(json.dumps(row) + "\n" for row in result.per_item)
+        )
+    print(json.dumps(result.aggregate, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except BonsaiPruneError as e:
+        print(f"bonsai-prune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "bonsai-prune: interrupted; completed rounds are kept (rerun with --resume)",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Run configurations: frozen, typed, validated on construction, round-tripped through JSON.
+
+The library never sees CLI objects: the CLI builds one of these and makes one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+UNIT_CHOICES = ("both", "heads", "neurons")
+PROMPT_STYLES = ("chat", "plain")
+REGRESSIONS = ("ridge", "lasso")
+
+
+def _check_fraction(name: str, value: Any, *, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ConfigError(f"{name} must be a number in (0, 1), got {value!r}; {hint}")
+    if not 0 < value < 1:
+        raise ConfigError(f"{name} must be in (0, 1), got {value}; {hint}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+class _JsonConfig:
+    """JSON round-trip that refuses unknown keys (a typo must not silently become a default)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]):
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
+        values = dict(data)
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if f.name in values and isinstance(values[f.name], dict) and f.name == "utility":
+                values[f.name] = UtilityConfig.from_dict(values[f.name])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class UtilityConfig(_JsonConfig):
+    """How a sub-model is scored on the calibration problems (higher is better)."""
+
+    name: str = "perplexity"  # or "comprehensive" (U†), or any registered utility
+    weights: dict[str, float] = field(
+        default_factory=lambda: {"acc": 50.0, "lex": 25.0, "sem": 25.0}
+    )
+    accuracy: str = "strict"
+    lexical: str = "rouge_numbers"
+    gen_tokens: int = 20  # the original U† study's compromise between signal and cost
+    prompt: str = "chat"
+    shots: int = 0
+    max_length: int = 768  # tokens of prompt + solution kept for teacher forcing
+
+    def __post_init__(self) -> None:
+        from .utility.weights import validate_weights
+
+        object.__setattr__(self, "weights", validate_weights(dict(self.weights)))
+        _check_choice("prompt style", self.prompt, PROMPT_STYLES)
+        if self.accuracy not in ("strict", "contains"):
+            raise ConfigError(f"unknown accuracy rule {self.accuracy!r}; choose strict or contains")
+        if self.lexical not in ("rouge_numbers", "token_f1"):
+            raise ConfigError(
+                f"unknown lexical metric {self.lexical!r}; choose rouge_numbers or token_f1"
+            )
+        if not isinstance(self.gen_tokens, int) or self.gen_tokens < 1:
+            raise ConfigError(f"gen_tokens must be a positive integer, got {self.gen_tokens!r}")
+        if not isinstance(self.shots, int) or not 0 <= self.shots <= 8:
+            raise ConfigError(f"shots must be an integer in [0, 8], got {self.shots!r}")
+
+
+@dataclass(frozen=True)
+class PruneConfig(_JsonConfig):
+    """One Bonsai pruning run (DESIGN.md section 2)."""
+
+    model: str = "default"
+    dtype: str = "auto"  # bf16 where the hardware has it natively, else fp32 (see fast_dtype)
+    device: str = "cpu"
+    sparsity: float = 0.3  # target fraction of non-embedding parameters removed
+    prune_frac: float = 0.1  # fraction of the original parameters removed per round
+    masks_per_round: int = 64
+    calib_samples: int = 8
+    seed: int = 0
+    prior: str = "wanda"
+    units: str = "both"
+    regression: str = "ridge"
+    allow_empty_modules: bool = False  # an MLP may lose all its neurons only if True
+    tolerance: float = 0.005  # stop when sparsity is within this of the target
+    data: str | None = None  # JSONL of question/answer lines; None = packaged GSM8K train
+    utility: UtilityConfig = field(default_factory=UtilityConfig)
+
+    def __post_init__(self) -> None:
+        _check_fraction("sparsity", self.sparsity, hint="e.g. --sparsity 0.5")
+        _check_fraction("prune fraction", self.prune_frac, hint="e.g. --prune-frac 0.1")
+        for name in ("masks_per_round", "calib_samples", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        if self.masks_per_round < 2 or self.masks_per_round % 2:
+            raise ConfigError(
+                f"masks per round must be an even number >= 2 (antithetic pairs), got {self.masks_per_round}"
+            )
+        if self.calib_samples < 1:
+            raise ConfigError(f"calibration samples must be at least 1, got {self.calib_samples}")
+        _check_choice("unit kind", self.units, UNIT_CHOICES)
+        _check_choice("regression", self.regression, REGRESSIONS)
+        if not 0 < self.tolerance < self.sparsity:
+            raise ConfigError(f"tolerance must be in (0, sparsity), got {self.tolerance}")
+        if isinstance(self.utility, dict):
+            object.__setattr__(self, "utility", UtilityConfig.from_dict(self.utility))

@@ -1,0 +1,450 @@
+"""Evaluate a (pruned or dense) model on GSM8K: greedy solutions, U† metrics, perplexity, cost.
+
+Every model is evaluated on the *first* ``limit`` problems of the split, in file order, so two
+models evaluated with the same limit always see the same problems and their numbers compare
+item by item. Each generation is scored against the full reference solution with
+:func:`bonsai_prune.scoring.score_texts`; both accuracy rules (strict and the original study's
+"contains") are reported, with percentile-bootstrap 95% confidence intervals, because at this
+scale accuracy is a few percent and its noise is as large as the effects being measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import PROMPT_STYLES, _check_choice, _JsonConfig
+from .data import SPLITS, Problem, load_gsm8k
+from .errors import ConfigError, ModelLoadError, UnsupportedModelError
+from .io import MODEL_DIR, atomic_write_json, atomic_write_text, is_pruned_dir
+from .models.adapter import adapter_for
+from .models.loading import DEFAULT_MODEL, DTYPES, load_model, packaged_gguf
+from .prompts import exemplars, format_prompt
+from .scoring import score_texts
+from .utility.base import build_batch, solution_nll
+from .utility.metrics import ACCURACY_RULES, LEXICAL_METRICS
+from .utility.weights import DEFAULT_WEIGHTS, validate_weights
+
+DEVICES = ("cpu", "cuda")
+CI_LEVEL = 0.95
+CI_METRICS = ("accuracy_strict", "accuracy_contains", "u_dagger")
+MEAN_METRICS = ("accuracy_strict", "accuracy_contains", "lexical", "semantic", "u_dagger")
+_NLL_ROWS = 4  # rows per teacher-forced forward: keeps the (tokens, vocab) logits near 100 MB
+
+
+@dataclass(frozen=True)
+class EvalConfig(_JsonConfig):
+    """One evaluation of one model on GSM8K (JSON round-trip via to_dict / from_dict)."""
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"  # bf16 where the hardware has it natively, else fp32
+    device: str = "cpu"
+    split: str = "test"
+    limit: int | None = None  # the first `limit` problems of the split; None = all of them
+    max_new_tokens: int = 256  # enough for a full solution to reach its final answer
+    batch_size: int = 16
+    prompt: str = "chat"
+    shots: int = 0
+    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    accuracy: str = "strict"
+    lexical: str = "rouge_numbers"
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", validate_weights(dict(self.weights)))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"model must be a non-empty string, got {self.model!r}")
+        _check_choice("dtype", self.dtype, ("auto", *DTYPES))
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("split", self.split, SPLITS)
+        _check_choice("prompt style", self.prompt, PROMPT_STYLES)
+        _check_choice("accuracy rule", self.accuracy, tuple(ACCURACY_RULES))
+        _check_choice("lexical metric", self.lexical, tuple(LEXICAL_METRICS))
+        if self.limit is not None:
+            _check_int("limit", self.limit, minimum=1, hint="or None for the whole split")
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("n_bootstrap", self.n_bootstrap, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("shots", self.shots, minimum=0, maximum=8)
+
+
+def _check_int(
+    name: str, value, *, minimum: int, maximum: int | None = None, hint: str = ""
+) -> None:
+    accepted = (
+        f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+    )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        raise ConfigError(f"{name} must be {accepted}{' ' + hint if hint else ''}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """``summary``: the figures of the run (JSON-ready); ``records``: one dict per problem."""
+
+    summary: dict
+    records: list[dict]
+
+
+@dataclass(frozen=True)
+class Generations:
+    """Greedy outputs in the order of the prompts given."""
+
+    texts: list[str]
+    n_new_tokens: list[int]  # up to and including the first end-of-sequence token
+    seconds: float  # time spent inside model.generate
+
+
+def bootstrap_ci(
+    values, n_resamples: int, seed: int, level: float = CI_LEVEL
+) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean of ``values``.
+
+    Args:
+        values: (n,) per-item scores, n >= 1.
+        n_resamples: how many resamples of the n items (with replacement) to draw.
+        seed: seeds a numpy Generator, so the interval is reproducible.
+        level: coverage in (0, 1), e.g. 0.95 for the 2.5th and 97.5th percentiles.
+    """
+    values = np.asarray(values, dtype=np.float64)  # (n,)
+    if values.ndim != 1 or values.size == 0:
+        raise ValueError(f"need a non-empty 1-d sequence of values, got shape {values.shape}")
+    if n_resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_resamples >= 1 and level in (0, 1), got {n_resamples}, {level}")
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, values.size, size=(n_resamples, values.size))  # (R, n)
+    means = values[index].mean(axis=1)  # (R,)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def first_problems(split: str, limit: int | None) -> list[Problem]:
+    """The first ``limit`` problems of a GSM8K split in file order (all of them if None or more)."""
+    problems = load_gsm8k(split)
+    return problems if limit is None else problems[:limit]
+
+
+@torch.no_grad()
+def generate_solutions(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool = True,
+) -> Generations:
+    """Greedy generation in batches of prompts sorted by length (less padding), order restored."""
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
+    stop_ids = _stop_token_ids(model, tokenizer)
+    texts, counts = [""] * len(prompts), [0] * len(prompts)
+    tokenizer.padding_side = "left"
+    seconds = 0.0
+    with tqdm(total=len(prompts), desc="generating", unit="problem", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = tokenizer(
+                [prompts[i] for i in rows],
+                add_special_tokens=False,
+                padding=True,
+                return_tensors="pt",
+            ).to(model.device)
+            began = time.perf_counter()
+            output = model.generate(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )  # (b, P + new)
+            seconds += time.perf_counter() - began
+            new = output[:, batch["input_ids"].shape[1] :].cpu()  # (b, new)
+            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
+            for row, text, tokens in zip(rows, decoded, new, strict=True):
+                texts[row], counts[row] = text.strip(), _count_new_tokens(tokens, stop_ids)
+            bar.update(len(rows))
+    return Generations(texts, counts, seconds)
+
+
+def _stop_token_ids(model, tokenizer) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if i is not None}
+
+
+def _count_new_tokens(tokens: torch.Tensor, stop_ids: set[int]) -> int:
+    """Tokens generated for one row: up to the first stop token (inclusive); the rest is padding."""
+    for position, token in enumerate(tokens.tolist()):
+        if token in stop_ids:
+            return position + 1
+    return int(tokens.shape[0])
+
+
+def reference_nll(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    prompt: str,
+    shots: int,
+    batch_size: int,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Per-problem mean NLL (nats/token) of the reference solution after its prompt: (n,).
+
+    NaN for a problem whose prompt fills the model's context, leaving no solution token to score.
+    """
+    max_length = getattr(model.config, "max_position_embeddings", 2048)
+    order = sorted(
+        range(len(problems)), key=lambda i: -len(problems[i].question + problems[i].answer)
+    )
+    nll = torch.full((len(problems),), math.nan)
+    with tqdm(total=len(problems), desc="perplexity", unit="problem", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            batch = build_batch(
+                tokenizer,
+                [problems[i] for i in rows],
+                prompt=prompt,
+                shots=shots,
+                max_length=max_length,
+                device=model.device,
+            )
+            chunk = solution_nll(model, batch, rows_per_chunk=_NLL_ROWS).float().cpu()  # (b,)
+            scored = batch.target_mask.sum(1).cpu() > 0  # (b,)
+            nll[rows] = torch.where(scored, chunk, torch.tensor(math.nan))
+            bar.update(len(rows))
+    return nll
+
+
+def evaluate(
+    config: EvalConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Generate greedy solutions to the first ``config.limit`` problems and score them.
+
+    Args:
+        config: what to evaluate and how; ``config.model`` is loaded unless ``model`` is given.
+        model, tokenizer: an already loaded model (used as is: config.dtype/device are ignored).
+            ``config.model`` is still reported as the spec and sizes the files on disk, so
+            make it describe the given model (a label that is not a path gives size None).
+        out_dir: if given, write generations.jsonl, then summary.json, each atomically.
+        progress: show tqdm bars for generation and the perplexity pass.
+    """
+    began = time.perf_counter()
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("give both model and tokenizer, or neither to load config.model")
+    if model is None:
+        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+    model.eval()
+    problems = first_problems(config.split, config.limit)
+    shots = exemplars(config.shots)
+    prompts = [format_prompt(tokenizer, p.question, config.prompt, shots) for p in problems]
+    generations = generate_solutions(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
+    nll = reference_nll(
+        model,
+        tokenizer,
+        problems,
+        prompt=config.prompt,
+        shots=config.shots,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
+    scores = score_texts(
+        generations.texts,
+        [p.answer for p in problems],
+        config.weights,
+        accuracy_rule=config.accuracy,
+        lexical=config.lexical,
+    )
+    records = _records(problems, generations, nll, scores.per_item)
+    summary = _summarise(config, records, nll, generations, model)
+    summary["wall_s"] = time.perf_counter() - began
+    summary["config"] = config.to_dict()
+    result = EvalResult(summary=summary, records=records)
+    if out_dir is not None:
+        write_result(result, Path(out_dir))
+    return result
+
+
+def write_result(result: EvalResult, out: Path) -> None:
+    """Write out/generations.jsonl, then out/summary.json (last: its presence means complete)."""
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in result.records)
+    atomic_write_text(out / "generations.jsonl", lines)
+    atomic_write_json(out / "summary.json", result.summary)
+
+
+def _records(
+    problems: list[Problem], generations: Generations, nll: torch.Tensor, per_item: list[dict]
+) -> list[dict]:
+    """One JSON-ready dict per problem: the texts, the tokens generated and every metric."""
+    texts, counts = generations.texts, generations.n_new_tokens
+    rows = zip(problems, texts, counts, nll.tolist(), per_item, strict=True)
+    return [
+        {
+            "index": i,
+            "question": problem.question,
+            "reference": problem.answer,
+            "prediction": text,
+            "n_new_tokens": n_new,
+            "reference_nll": _finite(item_nll),
+            **item,
+        }
+        for i, (problem, text, n_new, item_nll, item) in enumerate(rows)
+    ]
+
+
+def _summarise(
+    config: EvalConfig, records: list[dict], nll: torch.Tensor, generations: Generations, model
+) -> dict:
+    summary: dict = {"model": config.model, "n": len(records)}
+    for key in MEAN_METRICS:
+        values = [r[key] for r in records if r[key] is not None]
+        summary[key] = float(np.mean(values)) if values else None
+        if key in CI_METRICS:
+            summary[f"{key}_ci"] = (
+                list(bootstrap_ci(values, config.n_bootstrap, config.seed)) if values else None
+            )
+    summary["ci_level"] = CI_LEVEL
+    scored = nll[~torch.isnan(nll)]  # (n_scored,)
+    mean_nll = float(scored.mean()) if scored.numel() else math.nan
+    summary["reference_nll"] = _finite(mean_nll)
+    summary["reference_perplexity"] = _finite(math.exp(mean_nll)) if mean_nll < 700 else None
+    summary.update(_model_size(model, config.model))
+    n_tokens = sum(generations.n_new_tokens)
+    summary["n_new_tokens"] = n_tokens
+    summary["generation_s"] = generations.seconds
+    summary["decode_tokens_per_s"] = n_tokens / generations.seconds if generations.seconds else None
+    summary.update(_peak_memory(model))
+    return summary
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN or infinity: a non-finite figure is reported as None."""
+    return value if math.isfinite(value) else None
+
+
+def _model_size(model, spec: str) -> dict:
+    """Parameter counts and bytes in memory, and bytes of the model's files on disk."""
+    try:
+        non_embedding = adapter_for(model).count_parameters(model)
+    except UnsupportedModelError:
+        non_embedding = None
+    parameters = list(model.parameters())  # tied weights appear once
+    return {
+        "non_embedding_params": non_embedding,
+        "total_params": sum(p.numel() for p in parameters),
+        "param_bytes": sum(p.numel() * p.element_size() for p in parameters),
+        "size_on_disk_bytes": size_on_disk(spec),
+    }
+
+
+def size_on_disk(spec: str) -> int | None:
+    """Bytes of a model's files: a model or run directory (its model/ folder), or the packaged
+    GGUF for "default"; None for a hub id or a label that names no files."""
+    if spec == DEFAULT_MODEL:
+        try:
+            return packaged_gguf().stat().st_size
+        except ModelLoadError:
+            return None
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        return None
+    if is_pruned_dir(path) and (path / MODEL_DIR).is_dir():
+        path = path / MODEL_DIR
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _peak_memory(model) -> dict:
+    """Peak resident memory of this process (since it started), and peak CUDA allocation."""
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss *= 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    except ImportError:  # Windows
+        rss = None
+    on_cuda = model.device.type == "cuda"
+    return {
+        "peak_rss_bytes": rss,
+        "peak_cuda_bytes": torch.cuda.max_memory_allocated(model.device) if on_cuda else None,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A short human-readable table of an evaluation summary, with confidence intervals."""
+    level = round(100 * summary.get("ci_level", CI_LEVEL))
+
+    def ratio(key: str, scale: float = 100.0, unit: str = "%") -> str:
+        value, ci = summary.get(key), summary.get(f"{key}_ci")
+        if value is None:
+            return "n/a"
+        text = f"{scale * value:.1f}{unit}"
+        if ci:
+            text += f"  [{scale * ci[0]:.1f}, {scale * ci[1]:.1f}] {level}% CI"
+        return text
+
+    def optional(key: str, fmt: str) -> str:
+        value = summary.get(key)
+        return "n/a" if value is None else fmt.format(value)
+
+    rows = [
+        ("model", f"{summary.get('model')}  (n={summary.get('n')})"),
+        ("accuracy (strict)", ratio("accuracy_strict")),
+        ("accuracy (contains)", ratio("accuracy_contains")),
+        ("lexical", optional("lexical", "{:.3f}")),
+        ("semantic", optional("semantic", "{:.3f}")),
+        ("U† (0-100)", ratio("u_dagger", scale=1.0, unit="")),
+        ("reference perplexity", optional("reference_perplexity", "{:.2f}")),
+        (
+            "params (non-emb / all)",
+            f"{_millions(summary.get('non_embedding_params'))} / "
+            f"{_millions(summary.get('total_params'))}",
+        ),
+        ("size on disk", _megabytes(summary.get("size_on_disk_bytes"))),
+        ("decode", optional("decode_tokens_per_s", "{:.1f} tokens/s")),
+        ("generation time", optional("generation_s", "{:.1f} s")),
+        ("peak RSS", _megabytes(summary.get("peak_rss_bytes"))),
+        ("wall time", optional("wall_s", "{:.1f} s")),
+    ]
+    if summary.get("peak_cuda_bytes") is not None:
+        rows.insert(-1, ("peak CUDA memory", _megabytes(summary["peak_cuda_bytes"])))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _millions(count: int | None) -> str:
+    return "n/a" if count is None else f"{count / 1e6:.2f}M"
+
+
+def _megabytes(n_bytes: int | None) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 2**20:.1f} MiB"

@@ -1,0 +1,234 @@
+"""Pure text metrics of the comprehensive utility U† (DESIGN.md §3).
+
+Every metric compares the text a sub-model generated for a GSM8K question with the reference
+solution and returns a float in [0, 1]. Nothing here touches a model, a file or global state,
+so the metrics can be tested on hand-written strings and reused by ``scoring.py``.
+
+Numbers are read the way GSM8K writes them: ``$1,000.00``, ``50%``, ``-3``, ``18.`` at the end of
+a sentence. Thousands separators must be well formed (``1,234``), so a list such as ``1,2`` reads
+as two numbers rather than as 12.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Callable
+
+from ..data import final_answer, strip_annotations
+from ..errors import DataError
+
+# A number as it appears in running text. A leading '-' counts as a sign only when it does not
+# follow a word or ')' -- in "5-3=2" it is a minus, and the numbers are 5, 3 and 2.
+_NUMBER_IN_TEXT = re.compile(
+    r"(?:(?<![\w)])-)?\$?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?",
+)
+# A whole string that is one number, once sign, currency, percent and trailing period are gone.
+_NUMBER_BODY = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+")
+# Phrases after which a model states its answer; the last one in the output wins.
+_ANSWER_PHRASE = re.compile(r"the\s+(?:final\s+)?answer\s+is|answer\s*:", re.IGNORECASE)
+# ROUGE tokens: a number (thousands separators allowed) or a run of letters.
+_TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|[^\W\d_]+")
+_ARTICLES = re.compile(r"\b(?:a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+RELATIVE_TOLERANCE = 1e-6
+
+
+def parse_number(text: str) -> float | None:
+    """Read ``text`` as one number, or return None.
+
+    Accepts a sign, a currency '$', thousands separators, a trailing '%' and a trailing period,
+    because GSM8K answers and model outputs write numbers that way: "$1,000.00" -> 1000.0,
+    "50%" -> 50.0, "18." -> 18.0. Anything else (words, "1,2", "") gives None.
+    """
+    body = text.strip().replace("\u2212", "-")
+    if body.endswith("."):
+        body = body[:-1].rstrip()
+    if body.endswith("%"):
+        body = body[:-1].rstrip()
+    sign = 1.0
+    if body and body[0] in "+-":
+        sign = -1.0 if body[0] == "-" else 1.0
+        body = body[1:].lstrip()
+    if body.startswith("$"):
+        body = body[1:].lstrip()
+    if body[:1] == "-" and sign == 1.0:  # "$-5"
+        sign, body = -1.0, body[1:]
+    if not _NUMBER_BODY.fullmatch(body):
+        return None
+    return sign * float(body.replace(",", ""))
+
+
+def find_numbers(text: str) -> list[str]:
+    """All numbers in ``text``, in order, as written but without a '$' (e.g. ["1,000", "-3"])."""
+    return [match.group().replace("$", "") for match in _NUMBER_IN_TEXT.finditer(text)]
+
+
+def extract_answer(output: str) -> str | None:
+    """The model's final answer in ``output`` as a number string, or None if it states none.
+
+    The rules, in order, follow how models write answers after GSM8K few-shot prompts:
+    1. the first number after the last '####';
+    2. else the first number after the last "the answer is" / "answer:" (any case);
+    3. else the last number anywhere in the text.
+    A rule whose marker is present but has no number after it falls through to the next one,
+    so a generation cut off right after "####" is still read by its last number.
+    """
+    if "####" in output:
+        after = find_numbers(output.rsplit("####", 1)[1])
+        if after:
+            return after[0]
+    phrases = list(_ANSWER_PHRASE.finditer(output))
+    if phrases:
+        after = find_numbers(output[phrases[-1].end() :])
+        if after:
+            return after[0]
+    numbers = find_numbers(output)
+    return numbers[-1] if numbers else None
+
+
+def strict_accuracy(output: str, reference: str) -> float:
+    """1.0 iff the answer extracted from ``output`` equals the reference final answer numerically.
+
+    ``reference`` is a full GSM8K solution ending in '#### <answer>' or a bare answer. Values are
+    compared with a relative tolerance of 1e-6, so "18.0" matches "18" and "1,000" matches 1000.
+    Raises DataError when the reference final answer is not a number, since nothing could match.
+    """
+    expected = parse_number(final_answer(reference))
+    if expected is None:
+        raise DataError(
+            f"reference final answer {final_answer(reference)!r} is not a number; "
+            "strict accuracy needs a numeric reference (use the 'contains' rule instead)"
+        )
+    answer = extract_answer(output)
+    value = parse_number(answer) if answer is not None else None
+    if value is None:
+        return 0.0
+    return float(math.isclose(value, expected, rel_tol=RELATIVE_TOLERANCE))
+
+
+def contains_accuracy(output: str, reference: str) -> float:
+    """1.0 iff the reference final answer appears anywhere in ``output`` (the original rule).
+
+    Commas are removed from both sides first. The rule gives false positives: reference "18" is
+    "found" in "180" and in a wrong solution that passes through 18; ``strict_accuracy`` does not.
+    """
+    expected = final_answer(reference).replace(",", "")
+    if not expected or not output:
+        return 0.0
+    return float(expected in output.replace(",", ""))
+
+
+def clean_text(text: str) -> str:
+    """Drop GSM8K calculator annotations and the '####' marker (its number stays), squash spaces.
+
+    Applied to both sides before the lexical and semantic metrics, so that neither the
+    ``<<48/2=24>>`` annotations nor the marker itself count as content.
+    """
+    return " ".join(strip_annotations(text).replace("####", " ").split())
+
+
+def _canonical_number(token: str) -> str:
+    """One spelling per value, so "1,000", "1000" and "1000.0" are the same ROUGE token."""
+    value = float(token.replace(",", ""))
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    tokens = _TOKEN.findall(text.lower())
+    return [_canonical_number(t) if t[0].isdigit() else t for t in tokens]
+
+
+def _lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (dynamic programming, two rows)."""
+    previous = [0] * (len(b) + 1)
+    for token_a in a:
+        current = [0]
+        for j, token_b in enumerate(b):
+            if token_a == token_b:
+                current.append(previous[j] + 1)
+            else:
+                current.append(max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def _f1(n_common: int, n_candidate: int, n_reference: int) -> float:
+    if n_common == 0:
+        return 0.0
+    precision = n_common / n_candidate
+    recall = n_common / n_reference
+    return 2 * precision * recall / (precision + recall)
+
+
+def rouge_l_f1(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 over lowercased word and number tokens (LCS-based); 0 if either is empty.
+
+    Tokens are runs of letters or numbers (punctuation dropped); numbers are compared by value,
+    so "1,000" and "1000" are the same token.
+    """
+    candidate_tokens = _rouge_tokens(candidate)
+    reference_tokens = _rouge_tokens(reference)
+    if not candidate_tokens or not reference_tokens:
+        return 0.0
+    common = _lcs_length(candidate_tokens, reference_tokens)
+    return _f1(common, len(candidate_tokens), len(reference_tokens))
+
+
+def number_overlap_f1(candidate: str, reference: str) -> float:
+    """F1 between the multisets of number values in the two texts.
+
+    This credits correct intermediate results, not just the final answer. Values are compared
+    after parsing, so "1,000" equals "1000" and "$5" equals "5". When the reference holds no
+    number there is nothing to recall: the score is 1.0 if the candidate holds none either and
+    0.0 if it invents some. A reference with numbers against a candidate without gives 0.0.
+    """
+    candidate_values = Counter(parse_number(n) for n in find_numbers(candidate))
+    reference_values = Counter(parse_number(n) for n in find_numbers(reference))
+    if not reference_values:
+        return 0.0 if candidate_values else 1.0
+    common = sum((candidate_values & reference_values).values())
+    return _f1(common, sum(candidate_values.values()), sum(reference_values.values()))
+
+
+def lexical_similarity(candidate: str, reference: str) -> float:
+    """The default lexical metric: 0.5 * rouge_l_f1 + 0.5 * number_overlap_f1, in [0, 1].
+
+    Exact definition: with c = clean_text(candidate) and r = clean_text(reference) (calculator
+    annotations ``<<...>>`` removed, the '####' marker removed but its final number kept),
+    return 0.5 * rouge_l_f1(c, r) + 0.5 * number_overlap_f1(c, r). A candidate with no word or
+    number token scores 0.0, so an empty generation never earns the "no numbers on either side"
+    credit of number_overlap_f1.
+    """
+    candidate, reference = clean_text(candidate), clean_text(reference)
+    if not _rouge_tokens(candidate):
+        return 0.0
+    return 0.5 * rouge_l_f1(candidate, reference) + 0.5 * number_overlap_f1(candidate, reference)
+
+
+def _squad_tokens(text: str) -> list[str]:
+    """SQuAD answer normalisation: lowercase, drop punctuation and articles, split on spaces."""
+    text = text.lower().translate(_PUNCTUATION)
+    return _ARTICLES.sub(" ", text).split()
+
+
+def token_f1(candidate: str, reference: str) -> float:
+    """SQuAD-style bag-of-tokens F1, the original U† study's lexical metric (a variant).
+
+    Both texts first go through clean_text (as in lexical_similarity), then SQuAD normalisation:
+    lowercase, punctuation removed (so "1,000" becomes "1000" and "2.5" becomes "25"), articles
+    a/an/the removed, split on whitespace. 0.0 when either side has no token.
+    """
+    candidate_tokens = Counter(_squad_tokens(clean_text(candidate)))
+    reference_tokens = Counter(_squad_tokens(clean_text(reference)))
+    common = sum((candidate_tokens & reference_tokens).values())
+    return _f1(common, sum(candidate_tokens.values()), sum(reference_tokens.values()))
+
+
+Metric = Callable[[str, str], float]
+
+LEXICAL_METRICS: dict[str, Metric] = {"rouge_numbers": lexical_similarity, "token_f1": token_f1}
+ACCURACY_RULES: dict[str, Metric] = {"strict": strict_accuracy, "contains": contains_accuracy}

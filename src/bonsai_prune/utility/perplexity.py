@@ -1,0 +1,26 @@
+"""Bonsai's original utility: teacher-forced perplexity of the reference solution.
+
+Returned as ``-log(perplexity)`` (the mean solution-token log-likelihood): the ranking of
+sub-models is exactly that of ``-perplexity``, but a sub-model that breaks the model cannot
+produce a perplexity of 10^4 that swamps the regression of every other sample.
+Paper: https://arxiv.org/abs/2402.05406
+"""
+
+from __future__ import annotations
+
+import math
+
+from .base import UTILITIES, CalibrationBatch, solution_nll
+
+
+@UTILITIES.register("perplexity")
+class PerplexityUtility:
+    """-mean NLL of GSM8K reference solutions given their questions (solution tokens only)."""
+
+    def __init__(self, config=None) -> None:
+        self.config = config
+
+    def __call__(self, model, batch: CalibrationBatch) -> float:
+        nll = solution_nll(model, batch)  # (n,)
+        value = -float(nll.mean())
+        return value if math.isfinite(value) else float("nan")

@@ -1,0 +1,41 @@
+"""Shared fixtures: a tiny random Llama with grouped-query attention, and the real default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_llama(seed: int = 0, layers: int = 2):
+    """2-layer Llama, 4 query heads over 2 K/V heads of dim 16, MLP 96: builds in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir():
+    """The packaged SmolLM2-135M-Instruct, de-quantised once into the cache."""
+    from bonsai_prune.models.loading import dequantised_default
+
+    return dequantised_default()

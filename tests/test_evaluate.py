@@ -1,0 +1,236 @@
+"""Evaluation: the bootstrap on hand-made data, config checks, and a run on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bonsai_prune.data import load_gsm8k
+from bonsai_prune.errors import ConfigError
+from bonsai_prune.evaluate import (
+    EvalConfig,
+    _count_new_tokens,
+    bootstrap_ci,
+    evaluate,
+    format_summary,
+    generate_solutions,
+)
+
+TINY_WEIGHTS = {"acc": 50, "lex": 50, "sem": 0}  # sem=0: no embedding model is loaded
+
+
+# --- bootstrap_ci -------------------------------------------------------------------------------
+
+
+def test_bootstrap_of_constant_values_is_a_point():
+    assert bootstrap_ci([1.0] * 20, n_resamples=200, seed=0) == (1.0, 1.0)
+
+
+def test_bootstrap_of_a_fair_coin_covers_half_and_shrinks_with_n():
+    small = bootstrap_ci([0.0, 1.0] * 20, n_resamples=2000, seed=0)  # n = 40
+    large = bootstrap_ci([0.0, 1.0] * 500, n_resamples=2000, seed=0)  # n = 1000
+    for low, high in (small, large):
+        assert 0.0 <= low < 0.5 < high <= 1.0
+    assert large[1] - large[0] < small[1] - small[0]
+    # the binomial standard error at n=40 is 0.079: a 95% interval is about 0.31 wide
+    assert small[1] - small[0] == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 40), abs=0.06)
+
+
+def test_bootstrap_is_reproducible_and_narrows_with_lower_level():
+    values = [0.0, 0.0, 1.0, 0.5, 0.25, 1.0, 0.0, 0.75]
+    assert bootstrap_ci(values, 500, seed=3) == bootstrap_ci(values, 500, seed=3)
+    wide = bootstrap_ci(values, 500, seed=3, level=0.95)
+    narrow = bootstrap_ci(values, 500, seed=3, level=0.5)
+    assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
+
+
+@pytest.mark.parametrize(
+    "values, n_resamples, level", [([], 10, 0.95), ([1.0], 0, 0.95), ([1.0], 10, 1.0)]
+)
+def test_bootstrap_rejects_bad_arguments(values, n_resamples, level):
+    with pytest.raises(ValueError):
+        bootstrap_ci(values, n_resamples, seed=0, level=level)
+
+
+# --- EvalConfig ---------------------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "limit": ({"limit": 0}, "limit"),
+    "limit is a bool": ({"limit": True}, "limit"),
+    "batch_size": ({"batch_size": 0}, "batch_size"),
+    "max_new_tokens": ({"max_new_tokens": -5}, "max_new_tokens"),
+    "max_new_tokens float": ({"max_new_tokens": 2.5}, "max_new_tokens"),
+    "n_bootstrap": ({"n_bootstrap": 0}, "n_bootstrap"),
+    "shots": ({"shots": 9}, "shots"),
+    "seed": ({"seed": -1}, "seed"),
+    "dtype": ({"dtype": "fp8"}, "dtype 'fp8'"),
+    "device": ({"device": "tpu"}, "device 'tpu'"),
+    "split": ({"split": "dev"}, "split 'dev'"),
+    "prompt": ({"prompt": "fancy"}, "prompt style 'fancy'"),
+    "accuracy": ({"accuracy": "fuzzy"}, "accuracy rule 'fuzzy'"),
+    "lexical": ({"lexical": "bleu"}, "lexical metric 'bleu'"),
+    "weights": ({"weights": {"acc": 50, "lex": 25}}, "sum to 100"),
+    "model": ({"model": ""}, "model"),
+}
+
+
+@pytest.mark.parametrize("kwargs, named", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_config_rejects_bad_values_in_one_line_naming_the_field(kwargs, named):
+    with pytest.raises(ConfigError) as caught:
+        EvalConfig(**kwargs)
+    message = str(caught.value)
+    assert named in message and "\n" not in message
+    assert repr(next(iter(kwargs.values()))) in message or "weights" in kwargs
+
+
+def test_config_round_trips_through_json_and_refuses_unknown_keys():
+    config = EvalConfig(limit=5, weights={"accuracy": 60, "lex": 20, "sem": 20}, shots=2)
+    assert config.weights == {"acc": 60.0, "lex": 20.0, "sem": 20.0}
+    data = json.loads(json.dumps(config.to_dict()))
+    assert EvalConfig.from_dict(data) == config
+    with pytest.raises(ConfigError, match="max_tokens"):
+        EvalConfig.from_dict({**data, "max_tokens": 3})
+
+
+# --- generation bookkeeping ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+class EchoModel:
+    """generate() repeats each prompt's last token: shows which prompt each output came from."""
+
+    device = torch.device("cpu")
+    generation_config = SimpleNamespace(eos_token_id=None)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        assert (attention_mask[:, -1] == 1).all(), "prompts must be left-padded"
+        return torch.cat([input_ids, input_ids[:, -1:].repeat(1, max_new_tokens)], dim=1)
+
+
+def test_generation_sorts_by_length_and_restores_the_order(tokenizer):
+    prompts = ["apple", "a much longer prompt about a banana", "cherry pie with cream", "plum"]
+    out = generate_solutions(
+        EchoModel(), tokenizer, prompts, max_new_tokens=2, batch_size=3, progress=False
+    )
+    last = [tokenizer(p, add_special_tokens=False)["input_ids"][-1] for p in prompts]
+    assert out.texts == [tokenizer.decode([t, t]).strip() for t in last]
+    assert out.n_new_tokens == [2, 2, 2, 2]
+    assert out.seconds >= 0
+
+
+def test_new_tokens_are_counted_up_to_the_first_stop_token():
+    assert _count_new_tokens(torch.tensor([5, 6, 1, 1, 1]), {1}) == 3
+    assert _count_new_tokens(torch.tensor([5, 6, 7]), {1}) == 3
+    assert _count_new_tokens(torch.tensor([1, 0, 0]), {1, 2}) == 1
+
+
+# --- evaluate() on a tiny random Llama ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_evaluate_tiny_model_writes_files_and_sane_figures(tiny_model, tokenizer, tmp_path):
+    config = EvalConfig(
+        model="tiny-random-llama",
+        dtype="fp32",
+        limit=3,
+        max_new_tokens=4,
+        batch_size=2,
+        weights=TINY_WEIGHTS,
+        n_bootstrap=200,
+    )
+    result = evaluate(
+        config, model=tiny_model, tokenizer=tokenizer, out_dir=tmp_path, progress=False
+    )
+
+    lines = (tmp_path / "generations.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3
+    records = [json.loads(line) for line in lines]
+    assert records == result.records
+    problems = load_gsm8k("test")[:3]  # the first n: every model sees the same problems
+    assert [r["question"] for r in records] == [p.question for p in problems]
+    assert [r["reference"] for r in records] == [p.answer for p in problems]
+    for record in records:
+        assert record["accuracy_strict"] in (0.0, 1.0)
+        assert record["accuracy_contains"] in (0.0, 1.0)
+        assert 0.0 <= record["lexical"] <= 1.0
+        assert record["semantic"] is None  # weight 0: not computed
+        assert 0.0 <= record["u_dagger"] <= 100.0
+        assert 1 <= record["n_new_tokens"] <= 4
+
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert summary == result.summary
+    assert summary["n"] == 3 and summary["model"] == "tiny-random-llama"
+    assert summary["config"] == config.to_dict()
+    for key in ("accuracy_strict", "accuracy_contains"):
+        low, high = summary[f"{key}_ci"]
+        assert 0.0 <= low <= summary[key] <= high <= 1.0
+    low, high = summary["u_dagger_ci"]
+    assert 0.0 <= low <= summary["u_dagger"] <= high <= 100.0
+    # a random model spreads probability over ~49k tokens: perplexity far above 1, finite
+    assert math.isfinite(summary["reference_perplexity"]) and summary["reference_perplexity"] > 1
+    assert summary["total_params"] == sum(p.numel() for p in tiny_model.parameters())
+    assert 0 < summary["non_embedding_params"] < summary["total_params"]
+    assert summary["param_bytes"] == 4 * summary["total_params"]  # fp32
+    assert summary["size_on_disk_bytes"] is None  # a label, not a directory
+    assert summary["n_new_tokens"] == sum(r["n_new_tokens"] for r in records)
+    assert summary["decode_tokens_per_s"] > 0 and summary["peak_rss_bytes"] > 0
+    assert summary["wall_s"] >= summary["generation_s"] > 0
+
+    table = format_summary(summary)
+    assert "accuracy (strict)" in table and "CI" in table and "tiny-random-llama" in table
+
+
+def test_evaluate_is_deterministic_and_sizes_a_model_directory(tiny_model, tokenizer, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "model_dir")
+    config = EvalConfig(
+        model=str(tmp_path / "model_dir"),
+        limit=2,
+        max_new_tokens=3,
+        weights=TINY_WEIGHTS,
+        n_bootstrap=50,
+    )
+    first = evaluate(config, model=tiny_model, tokenizer=tokenizer, progress=False)
+    second = evaluate(config, model=tiny_model, tokenizer=tokenizer, progress=False)
+    assert [r["prediction"] for r in first.records] == [r["prediction"] for r in second.records]
+    files = (tmp_path / "model_dir").iterdir()
+    assert first.summary["size_on_disk_bytes"] == sum(f.stat().st_size for f in files)
+
+
+def test_evaluate_wants_both_model_and_tokenizer(tiny_model):
+    with pytest.raises(ConfigError, match="both"):
+        evaluate(EvalConfig(limit=1, weights=TINY_WEIGHTS), model=tiny_model, progress=False)
