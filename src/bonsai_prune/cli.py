@@ -123,6 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_utility_options(p)
     p.add_argument("--out", default=None, help="write one JSON object of scores per input line")
     p.set_defaults(run=_cmd_score)
+
+    p = commands.add_parser("evaluate", help="GSM8K test evaluation of a dense or pruned model")
+    _add_model_options(p)
+    p.add_argument(
+        "--limit", type=int, default=None, help="first N test problems (default: all 1,319)"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    _add_utility_options(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    p.add_argument("--out", required=True, help="directory for summary.json and generations.jsonl")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_evaluate)
     return parser
 
 
@@ -209,6 +222,29 @@ def _cmd_score(args) -> int:
             Path(args.out), "".join(json.dumps(row) + "\n" for row in result.per_item)
         )
     print(json.dumps(result.aggregate, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import EvalConfig, evaluate, format_summary
+    from .utility.weights import parse_weights
+
+    config = EvalConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        prompt=args.prompt,
+        shots=args.shots,
+        weights=parse_weights(args.weights),
+        accuracy=args.accuracy,
+        lexical=args.lexical,
+        seed=args.seed,
+    )
+    result = evaluate(config, out_dir=Path(args.out), progress=not args.quiet)
+    print(format_summary(result.summary))
     return 0
 
 

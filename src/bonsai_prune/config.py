@@ -89,7 +89,8 @@ class PruneConfig(_JsonConfig):
     device: str = "cpu"
     sparsity: float = 0.3  # target fraction of non-embedding parameters removed
     prune_frac: float = 0.1  # fraction of the original parameters removed per round
-    masks_per_round: int = 64
+    masks_per_round: int = 32
+    masks_per_forward: int = 8  # sub-models batched into one generation (utilities that can)
     calib_samples: int = 8
     seed: int = 0
     prior: str = "wanda"
@@ -103,7 +104,7 @@ class PruneConfig(_JsonConfig):
     def __post_init__(self) -> None:
         _check_fraction("sparsity", self.sparsity, hint="e.g. --sparsity 0.5")
         _check_fraction("prune fraction", self.prune_frac, hint="e.g. --prune-frac 0.1")
-        for name in ("masks_per_round", "calib_samples", "seed"):
+        for name in ("masks_per_round", "masks_per_forward", "calib_samples", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -111,6 +112,8 @@ class PruneConfig(_JsonConfig):
             raise ConfigError(
                 f"masks per round must be an even number >= 2 (antithetic pairs), got {self.masks_per_round}"
             )
+        if self.masks_per_forward < 1:
+            raise ConfigError(f"masks per forward must be at least 1, got {self.masks_per_forward}")
         if self.calib_samples < 1:
             raise ConfigError(f"calibration samples must be at least 1, got {self.calib_samples}")
         _check_choice("unit kind", self.units, UNIT_CHOICES)

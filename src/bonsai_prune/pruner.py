@@ -120,17 +120,38 @@ def unit_prior(adapter, model, batch: CalibrationBatch, prior: str, generator) -
 
 
 def score_masks(
-    adapter, model, utility: Callable, batch: CalibrationBatch, masks: torch.Tensor, progress: bool
+    adapter,
+    model,
+    utility: Callable,
+    batch: CalibrationBatch,
+    masks: torch.Tensor,
+    masks_per_forward: int,
+    progress: bool,
 ) -> torch.Tensor:
-    """Utility of each virtual sub-model (N,); non-finite results stay NaN for the caller."""
-    scores = torch.empty(masks.shape[0], dtype=torch.float64)
-    for i in tqdm(range(masks.shape[0]), desc="  sub-models", leave=False, disable=not progress):
-        with adapter.apply_masks(model, masks[i]):
-            try:
-                value = float(utility(model, batch))
-            except FloatingPointError:
-                value = float("nan")
-        scores[i] = value if math.isfinite(value) else float("nan")
+    """Utility of each virtual sub-model (N,); non-finite results stay NaN for the caller.
+
+    A utility with a ``score_masks(model, batch, masks, apply_masks)`` method scores groups of
+    ``masks_per_forward`` sub-models in one batched forward; any other callable is called
+    once per mask inside ``adapter.apply_masks``.
+    """
+    n = masks.shape[0]
+    group = masks_per_forward if hasattr(utility, "score_masks") else 1
+    scores = torch.empty(n, dtype=torch.float64)
+    with tqdm(total=n, desc="  sub-models", leave=False, disable=not progress) as bar:
+        for start in range(0, n, group):
+            chunk = masks[start : start + group]
+            with torch.no_grad():
+                if group > 1:
+                    values = utility.score_masks(
+                        model, batch, chunk, lambda keep: adapter.apply_masks(model, keep)
+                    )
+                else:
+                    with adapter.apply_masks(model, chunk[0]):
+                        values = [utility(model, batch)]
+            for offset, value in enumerate(values):
+                value = float(value)
+                scores[start + offset] = value if math.isfinite(value) else float("nan")
+            bar.update(len(chunk))
     return scores
 
 
@@ -185,7 +206,9 @@ def run_round(
 
     with torch.no_grad():
         utility_before = float(utility(model, batch))
-    raw_scores = score_masks(adapter, model, utility, batch, masks, progress)
+    raw_scores = score_masks(
+        adapter, model, utility, batch, masks, config.masks_per_forward, progress
+    )
     scores, n_failed = replace_failures(raw_scores)
     lap("evaluation")
 

@@ -14,26 +14,29 @@ broken ones. The prefixes are fixed per round, so their embeddings are computed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..config import UtilityConfig
-from ..scoring import score_texts
-from ..utility.semantic import SemanticScorer
 from .base import UTILITIES, CalibrationBatch
+from .metrics import ACCURACY_RULES, LEXICAL_METRICS
+from .semantic import SemanticScorer
 
 
 @torch.no_grad()
-def generate_greedy(model, batch: CalibrationBatch, max_new_tokens: int) -> list[str]:
-    """Greedy continuations of the batch's prompts (new text only, stops at end-of-sequence)."""
-    tokenizer = batch.tokenizer
+def generate_greedy(
+    model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+) -> list[str]:
+    """Greedy continuations of left-padded prompts (new text only, stops at end-of-sequence)."""
     output = model.generate(
-        input_ids=batch.prompt_ids,
-        attention_mask=batch.prompt_attention_mask,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
     )
-    new_tokens = output[:, batch.prompt_ids.shape[1] :]  # (n, <= max_new_tokens)
+    new_tokens = output[:, input_ids.shape[1] :]  # (n, <= max_new_tokens)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
@@ -72,30 +75,44 @@ class ComprehensiveUtility:
         return self._prefix_cache[key]
 
     def __call__(self, model, batch: CalibrationBatch) -> float:
-        outputs = generate_greedy(model, batch, self.config.gen_tokens)
+        outputs = generate_greedy(
+            model,
+            batch.tokenizer,
+            batch.prompt_ids,
+            batch.prompt_attention_mask,
+            self.config.gen_tokens,
+        )
         answers, prefixes = self.references(batch)
         return self.score(outputs, answers, prefixes)
 
+    def score_masks(
+        self, model, batch: CalibrationBatch, masks: torch.Tensor, apply_masks: Callable
+    ) -> list[float]:
+        """U† of several sub-models (G, U) in one batched generation.
+
+        Each prompt is repeated once per mask and every row runs its own sub-model: at 20 new
+        tokens the decode steps are overhead-bound, so G masks cost far less than G calls.
+        """
+        n, groups = len(batch.problems), masks.shape[0]
+        ids = batch.prompt_ids.repeat(groups, 1)  # (G*n, P)
+        attention = batch.prompt_attention_mask.repeat(groups, 1)
+        with apply_masks(masks.repeat_interleave(n, dim=0)):  # (G*n, U): row i uses mask i // n
+            outputs = generate_greedy(
+                model, batch.tokenizer, ids, attention, self.config.gen_tokens
+            )
+        answers, prefixes = self.references(batch)
+        return [self.score(outputs[g * n : (g + 1) * n], answers, prefixes) for g in range(groups)]
+
     def score(self, outputs: list[str], answers: list[str], prefixes: list[str]) -> float:
-        """U† in [0, 100] from generated texts."""
-        weights = self.config.weights
+        """U† in [0, 100]: accuracy against the final answers, similarity against the prefixes."""
+        weights, n = self.config.weights, len(outputs)
         total = 0.0
         if weights["acc"] > 0:
-            acc = score_texts(
-                outputs,
-                answers,
-                {"acc": 100.0, "lex": 0.0, "sem": 0.0},
-                accuracy_rule=self.config.accuracy,
-            )
-            total += weights["acc"] * acc.aggregate["accuracy"]
-        if weights["lex"] > 0 or weights["sem"] > 0:
-            similarity = {"acc": 0.0, "lex": weights["lex"], "sem": weights["sem"]}
-            sim = score_texts(
-                outputs,
-                prefixes,
-                similarity,
-                lexical=self.config.lexical,
-                semantic_scorer=self.semantic,
-            )
-            total += sim.aggregate["u_dagger"]
+            rule = ACCURACY_RULES[self.config.accuracy]
+            total += weights["acc"] * sum(map(rule, outputs, answers)) / n
+        if weights["lex"] > 0:
+            lexical = LEXICAL_METRICS[self.config.lexical]
+            total += weights["lex"] * sum(map(lexical, outputs, prefixes)) / n
+        if weights["sem"] > 0:
+            total += weights["sem"] * sum(self.semantic.similarity(outputs, prefixes)) / n
         return total
