@@ -6,6 +6,7 @@ The CLI's ``prune`` command is this function with its arguments parsed.
 from __future__ import annotations
 
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from .config import PruneConfig
 from .data import load_gsm8k, load_problems
 from .errors import RunDirectoryError
 from .models import adapter_for, load_model
+from .models.adapter import check_supported
+from .models.loading import model_type_of
 from .pruner import RoundResult, calibration_problems, check_reachable, iterate_rounds
 from .utility import build_batch, resolve_utility
 
@@ -49,15 +52,58 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix a new run into a directory that holds something else."""
+RUN_ENTRIES = ("config.json", "report.json", "rounds", io.MODEL_DIR)
+
+
+def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: bool) -> int:
+    """Make ``out`` ready for this run; return how many completed rounds it already holds.
+
+    A non-empty directory is refused unless the user resumes (same config) or overwrites;
+    overwriting removes only the entries a run writes, nothing else the user keeps there.
+    """
     if out.exists() and not out.is_dir():
         raise RunDirectoryError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
-        raise RunDirectoryError(
-            f"--out {out} is not empty; pass --resume to continue its run or --overwrite to replace it"
-        )
+    if resume:
+        if not (out / "config.json").is_file():
+            raise RunDirectoryError(f"--resume: {out} holds no run to resume (no config.json)")
+        saved = PruneConfig.from_dict(io.read_json(out / "config.json"))
+        if saved != config:
+            changed = sorted(k for k, v in saved.to_dict().items() if config.to_dict()[k] != v)
+            raise RunDirectoryError(
+                f"--resume: {out} was started with different settings ({', '.join(changed)}); "
+                "resume with the same command, or use a new --out"
+            )
+        return io.completed_rounds(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise RunDirectoryError(
+                f"--out {out} is not empty; pass --resume to continue its run or --overwrite to replace it"
+            )
+        for name in RUN_ENTRIES:
+            entry = out / name
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry.exists():
+                entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    return 0
+
+
+def replay_rounds(out: Path, n_rounds: int, model, adapter) -> list[dict]:
+    """Re-apply the saved keep masks of completed rounds: slicing is deterministic, so the
+    model ends exactly where the interrupted run stood."""
+    figures = []
+    for index in range(1, n_rounds + 1):
+        tensors, saved = io.load_round(out, index)
+        if tensors["keep"].shape[0] != adapter.layout(model).n_units:
+            raise RunDirectoryError(
+                f"round {index} of {out} does not fit the model; use a new --out"
+            )
+        adapter.slice(model, tensors["keep"])
+        if adapter.count_parameters(model) != saved["params_after"]:
+            raise RunDirectoryError(f"replaying round {index} of {out} gave a different model")
+        figures.append(saved)
+    return figures
 
 
 def prune(
@@ -77,18 +123,25 @@ def prune(
         instead of the named ``config.utility``.
     out_dir: where to write the run directory (model, masks, report); nothing is written if None.
     model, tokenizer: an already loaded model to prune in place (skips loading).
+    resume: continue the run in ``out_dir`` after its last completed round (same config).
     """
     config = config or PruneConfig()
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        prepare_out_dir(out, resume=resume, overwrite=overwrite)
     pool = load_problems(config.data) if config.data else load_gsm8k("train")
     calibration_problems(pool, config, 1)  # fail now, not after loading, if n is too large
     score = utility if utility is not None else resolve_utility(config.utility)
+    done = 0
+    if out is not None:
+        done = prepare_out_dir(out, config, resume=resume, overwrite=overwrite)
+    elif resume:
+        raise RunDirectoryError("resume needs the run directory (out_dir)")
 
     t0 = time.perf_counter()
     if model is None:
+        model_type = model_type_of(config.model)
+        if model_type is not None:
+            check_supported(model_type)  # before spending time on loading the weights
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
     adapter = adapter_for(model)
@@ -117,7 +170,8 @@ def prune(
         "model_load_s": load_s,
         "params_before": n_original,
         "total_params_before": n_total_before,
-        "rounds": [],
+        "resumed_after_round": done if resume else None,
+        "rounds": replay_rounds(out, done, model, adapter) if done else [],
     }
     if out is not None:
         io.atomic_write_json(out / "config.json", config.to_dict())
@@ -125,7 +179,7 @@ def prune(
 
     rounds: list[RoundResult] = []
     for result in iterate_rounds(
-        model, adapter, score, make_batch, config, n_original, progress=progress
+        model, adapter, score, make_batch, config, n_original, start=done + 1, progress=progress
     ):
         rounds.append(result)
         report["rounds"].append(result.figures())
@@ -133,17 +187,18 @@ def prune(
             io.save_round(out, result.index, result.tensors(), result.figures())
             io.atomic_write_json(out / "report.json", report)
 
-    final_utility = float(score(model, make_batch(len(rounds) + 1))) if rounds else None
+    n_rounds = len(report["rounds"])
+    final_utility = float(score(model, make_batch(n_rounds + 1))) if n_rounds else None
     n_after = adapter.count_parameters(model)
     report.update(
         {
             "params_after": n_after,
             "total_params_after": sum(p.numel() for p in model.parameters()),
             "sparsity": 1 - n_after / n_original,
-            "n_rounds": len(rounds),
-            "utility_per_round": [r.utility_before for r in rounds],
+            "n_rounds": n_rounds,
+            "utility_per_round": [r["utility_before"] for r in report["rounds"]],
             "utility_final": final_utility,
-            "phase_seconds": _phase_totals(rounds),
+            "phase_seconds": _phase_totals(report["rounds"]),
             "wall_s": time.perf_counter() - started,
             "structure": adapter.structure(model),
         }
@@ -156,9 +211,9 @@ def prune(
     return PruneResult(model, tokenizer, rounds, report, out, [r.keep for r in rounds])
 
 
-def _phase_totals(rounds: list[RoundResult]) -> dict[str, float]:
+def _phase_totals(rounds: list[dict]) -> dict[str, float]:
     totals: dict[str, float] = {}
     for r in rounds:
-        for phase, seconds in r.timings.items():
+        for phase, seconds in r["timings"].items():
             totals[phase] = totals.get(phase, 0.0) + seconds
     return totals

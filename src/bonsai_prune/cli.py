@@ -250,6 +250,9 @@ def _cmd_evaluate(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is happening; keep stderr clean
     try:
         return args.run(args)
     except BonsaiPruneError as e:

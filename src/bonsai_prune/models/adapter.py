@@ -121,9 +121,14 @@ ADAPTERS: Registry[type] = Registry("architecture")
 def adapter_for(model) -> ArchitectureAdapter:
     """The adapter registered for ``model.config.model_type``."""
     model_type = getattr(model.config, "model_type", "?")
+    check_supported(model_type)
+    return ADAPTERS.get(model_type)()
+
+
+def check_supported(model_type: str) -> None:
+    """Fail with the list of supported families unless ``model_type`` has an adapter."""
     if model_type not in ADAPTERS:
         supported = ", ".join(ADAPTERS.names())
         raise UnsupportedModelError(
             f"architecture {model_type!r} is not supported yet; supported: {supported}"
         )
-    return ADAPTERS.get(model_type)()

@@ -9,6 +9,7 @@ module calls when it sees the structure file a run leaves behind.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -102,6 +103,17 @@ def dequantised_default() -> Path:
     return target
 
 
+def model_type_of(spec: str) -> str | None:
+    """The ``model_type`` of a local model directory, without loading weights (else None)."""
+    config = Path(spec).expanduser() / "config.json"
+    if spec in (None, DEFAULT_MODEL) or not config.is_file():
+        return "llama" if spec in (None, DEFAULT_MODEL) else None
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "cpu"):
     """Return ``(model, tokenizer)`` in eval mode for ``spec``.
 
@@ -138,7 +150,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "c
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         if source == spec and not path.exists():
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise ModelLoadError(
