@@ -11,7 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+from .config import PruneConfig, UtilityConfig
 from .errors import BonsaiPruneError
+
+DEFAULTS, UTILITY_DEFAULTS = PruneConfig(), UtilityConfig()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,25 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sparsity",
         type=float,
-        default=0.3,
+        default=DEFAULTS.sparsity,
         help="target fraction of non-embedding parameters removed",
     )
     p.add_argument(
         "--prune-frac",
         type=float,
-        default=0.1,
+        default=DEFAULTS.prune_frac,
         help="fraction of the original parameters removed per round",
     )
-    p.add_argument("--masks-per-round", type=int, default=64)
-    p.add_argument("--calib-samples", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prior", default="wanda")
+    p.add_argument("--masks-per-round", type=int, default=DEFAULTS.masks_per_round)
+    p.add_argument(
+        "--masks-per-forward",
+        type=int,
+        default=DEFAULTS.masks_per_forward,
+        help="sub-models batched into one generation (U†)",
+    )
+    p.add_argument("--calib-samples", type=int, default=DEFAULTS.calib_samples)
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--prior", default=DEFAULTS.prior)
     p.add_argument("--units", default="both", choices=["both", "heads", "neurons"])
     p.add_argument("--regression", default="ridge", choices=["ridge", "lasso"])
     p.add_argument(
         "--allow-empty-modules", action="store_true", help="an MLP may lose all its neurons"
     )
-    p.add_argument("--tolerance", type=float, default=0.005)
+    p.add_argument("--tolerance", type=float, default=DEFAULTS.tolerance)
     p.add_argument(
         "--data",
         default=None,
@@ -105,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--utility", default="perplexity", help="perplexity or comprehensive (U†)")
     p.add_argument(
-        "--gen-tokens", type=int, default=20, help="tokens each sub-model generates for U†"
+        "--gen-tokens",
+        type=int,
+        default=UTILITY_DEFAULTS.gen_tokens,
+        help="tokens each sub-model generates for U†",
     )
     _add_utility_options(p)
     p.add_argument("--out", required=True, help="run directory to write")
@@ -132,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     _add_utility_options(p)
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap confidence intervals")
+    p.add_argument(
+        "--seed", type=int, default=DEFAULTS.seed, help="seed of the bootstrap confidence intervals"
+    )
     p.add_argument("--out", required=True, help="directory for summary.json and generations.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_evaluate)
@@ -150,6 +164,7 @@ def _cmd_prune(args) -> int:
         sparsity=args.sparsity,
         prune_frac=args.prune_frac,
         masks_per_round=args.masks_per_round,
+        masks_per_forward=args.masks_per_forward,
         calib_samples=args.calib_samples,
         seed=args.seed,
         prior=args.prior,
