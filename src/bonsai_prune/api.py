@@ -18,6 +18,7 @@ from . import io
 from .config import PruneConfig
 from .data import load_gsm8k, load_problems
 from .errors import RunDirectoryError
+from .methods import METHODS
 from .models import adapter_for, load_model
 from .models.adapter import check_supported
 from .models.loading import model_type_of
@@ -52,7 +53,7 @@ def library_versions() -> dict[str, str]:
     }
 
 
-RUN_ENTRIES = ("config.json", "report.json", "rounds", io.MODEL_DIR)
+RUN_ENTRIES = ("config.json", "report.json", "rounds", "keep.safetensors", io.MODEL_DIR)
 
 
 def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: bool) -> int:
@@ -147,7 +148,12 @@ def prune(
     adapter = adapter_for(model)
     n_original = adapter.count_parameters(model)
     n_total_before = sum(p.numel() for p in model.parameters())
-    check_reachable(adapter, model, config, n_original)
+    if config.method == "bonsai":
+        check_reachable(adapter, model, config, n_original)
+    elif resume:
+        raise RunDirectoryError(
+            f"--resume applies to Bonsai's rounds; {config.method!r} is one-shot: rerun it with --overwrite"
+        )
     device = next(model.parameters()).device
 
     def make_batch(index: int):
@@ -170,6 +176,7 @@ def prune(
         "model_load_s": load_s,
         "params_before": n_original,
         "total_params_before": n_total_before,
+        "method": config.method,
         "resumed_after_round": done if resume else None,
         "rounds": replay_rounds(out, done, model, adapter) if done else [],
     }
@@ -178,17 +185,28 @@ def prune(
         io.atomic_write_json(out / "report.json", report)
 
     rounds: list[RoundResult] = []
-    for result in iterate_rounds(
-        model, adapter, score, make_batch, config, n_original, start=done + 1, progress=progress
-    ):
-        rounds.append(result)
-        report["rounds"].append(result.figures())
+    keep_masks: list[torch.Tensor] = []
+    if config.method == "bonsai":
+        for result in iterate_rounds(
+            model, adapter, score, make_batch, config, n_original, start=done + 1, progress=progress
+        ):
+            rounds.append(result)
+            keep_masks.append(result.keep)
+            report["rounds"].append(result.figures())
+            if out is not None:
+                io.save_round(out, result.index, result.tensors(), result.figures())
+                io.atomic_write_json(out / "report.json", report)
+    else:
+        baseline = METHODS.get(config.method)(model, tokenizer, adapter, config, progress=progress)
+        report["method_seconds"] = baseline.seconds
+        report["method_details"] = baseline.details
+        keep_masks.append(baseline.keep)
         if out is not None:
-            io.save_round(out, result.index, result.tensors(), result.figures())
-            io.atomic_write_json(out / "report.json", report)
+            io.atomic_save_tensors(out / "keep.safetensors", {"keep": baseline.keep})
 
     n_rounds = len(report["rounds"])
-    final_utility = float(score(model, make_batch(n_rounds + 1))) if n_rounds else None
+    pruned = n_rounds > 0 or config.method != "bonsai"
+    final_utility = float(score(model, make_batch(n_rounds + 1))) if pruned else None
     n_after = adapter.count_parameters(model)
     report.update(
         {
@@ -208,7 +226,7 @@ def prune(
     report["complete"] = True
     if out is not None:
         io.atomic_write_json(out / "report.json", report)
-    return PruneResult(model, tokenizer, rounds, report, out, [r.keep for r in rounds])
+    return PruneResult(model, tokenizer, rounds, report, out, keep_masks)
 
 
 def _phase_totals(rounds: list[dict]) -> dict[str, float]:

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prune", help="prune a model with Bonsai")
     _add_model_options(p)
     p.add_argument(
+        "--method",
+        default=DEFAULTS.method,
+        help="bonsai (default), or a one-shot baseline: random, magnitude, wanda, finercut "
+        "(baselines ignore --prune-frac, --masks-per-round, --prior and --regression)",
+    )
+    p.add_argument(
         "--sparsity",
         type=float,
         default=DEFAULTS.sparsity,
@@ -150,6 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for summary.json and generations.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_evaluate)
+
+    p = commands.add_parser(
+        "bench", help="measure evaluation speed, GEMM use, decode speed-up, memory"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="small settings, under five minutes on 2 cores"
+    )
+    p.add_argument("--model", default="default")
+    p.add_argument("--out", default=None, help="write the figures as JSON")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_cmd_bench)
     return parser
 
 
@@ -161,6 +178,7 @@ def _cmd_prune(args) -> int:
         model=args.model,
         dtype=args.dtype,
         device=args.device,
+        method=args.method,
         sparsity=args.sparsity,
         prune_frac=args.prune_frac,
         masks_per_round=args.masks_per_round,
@@ -260,6 +278,17 @@ def _cmd_evaluate(args) -> int:
     )
     result = evaluate(config, out_dir=Path(args.out), progress=not args.quiet)
     print(format_summary(result.summary))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from .bench import BenchConfig, format_table, run_bench
+    from .io import atomic_write_json
+
+    result = run_bench(BenchConfig.make(args.quick, args.model), progress=not args.quiet)
+    if args.out:
+        atomic_write_json(Path(args.out), result)
+    print(format_table(result))
     return 0
 
 

@@ -87,6 +87,9 @@ class PruneConfig(_JsonConfig):
     model: str = "default"
     dtype: str = "auto"  # bf16 where the hardware has it natively, else fp32 (see fast_dtype)
     device: str = "cpu"
+    method: str = (
+        "bonsai"  # or a baseline registered in methods/ (random, magnitude, wanda, finercut)
+    )
     sparsity: float = 0.3  # target fraction of non-embedding parameters removed
     prune_frac: float = 0.1  # fraction of the original parameters removed per round
     masks_per_round: int = 32
@@ -117,6 +120,9 @@ class PruneConfig(_JsonConfig):
         if self.calib_samples < 1:
             raise ConfigError(f"calibration samples must be at least 1, got {self.calib_samples}")
         _check_choice("unit kind", self.units, UNIT_CHOICES)
+        from .methods import METHODS  # here, not at the top: methods import this module
+
+        _check_choice("method", self.method, ("bonsai", *METHODS.names()))
         _check_choice("regression", self.regression, REGRESSIONS)
         if not 0 < self.tolerance < self.sparsity:
             raise ConfigError(f"tolerance must be in (0, sparsity), got {self.tolerance}")

@@ -86,7 +86,10 @@ def min_keep_per_module(
 ) -> torch.Tensor:
     """LongTensor (M,): a module keeps at least one unit unless the user allows emptying it."""
     return torch.tensor(
-        [max(adapter.min_units(m.kind), 0 if allow_empty else 1) for m in layout.modules]
+        [
+            max(adapter.min_units(m.kind, allow_empty=allow_empty), 0 if allow_empty else 1)
+            for m in layout.modules
+        ]
     )
 
 
@@ -112,11 +115,12 @@ def check_reachable(adapter, model, config: PruneConfig, n_original: int) -> Non
 
 def unit_prior(adapter, model, batch: CalibrationBatch, prior: str, generator) -> torch.Tensor:
     """One forward per calibration problem (no padding to pollute the statistics)."""
-    with torch.no_grad(), adapter.collect_stats(model) as stats:
-        for row in range(batch.input_ids.shape[0]):
-            length = int(batch.attention_mask[row].sum())
-            model.get_decoder()(input_ids=batch.input_ids[row : row + 1, :length])
-    return PRIORS.get(prior)(stats.result(), generator).double()
+    with torch.no_grad():
+        with adapter.collect_stats(model) as stats:
+            for row in range(batch.input_ids.shape[0]):
+                length = int(batch.attention_mask[row].sum())
+                model.get_decoder()(input_ids=batch.input_ids[row : row + 1, :length])
+        return PRIORS.get(prior)(stats.result(), generator).double()
 
 
 def score_masks(

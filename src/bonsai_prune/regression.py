@@ -1,8 +1,19 @@
 """Estimating each unit's importance: regress the utility on the keep masks.
 
-``utility(mask) ~ intercept + sum_j beta_j * mask_j``: beta_j is what keeping unit j adds to
-the utility, all else equal. The regularisation strength is chosen by K-fold held-out error
-(scikit-learn's RidgeCV / LassoCV). Paper: https://arxiv.org/abs/2402.05406 (section 3.2).
+``utility(mask) ~ intercept + sum_j beta_j * mask_j`` over the round's candidate units:
+beta_j is what keeping unit j adds to the utility, all else equal. Ridge (L2) or lasso (L1)
+regularisation, its strength chosen by K-fold held-out squared error, by scikit-learn's
+RidgeCV / LassoCV. Scores are standardised before the fit, so a grid suits any utility scale,
+and beta is scaled back into utility units.
+
+A caveat of Bonsai's design: when every mask keeps the same number of a module's candidates
+(as ``sampling.sample_masks`` does, up to the antithetic parity), adding a constant to all of
+a module's betas changes no prediction, so the data fix beta only within each module. Ridge
+resolves this with its minimum-norm solution (each module's betas centred, roughly); lasso
+with whichever sparse solution its path reaches. Cross-module comparisons of beta rest on
+that choice, not on the data.
+
+Paper: Dery et al., "Everybody Prune Now", https://arxiv.org/abs/2402.05406 (section 3.2).
 """
 
 from __future__ import annotations
@@ -13,16 +24,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-DEFAULT_ALPHAS = tuple(np.logspace(-4, 3, 15))
+METHODS = ("ridge", "lasso")
+RIDGE_GRID = tuple(np.logspace(-3, 2, 11))  # times the design's mean eigenvalue, see below
+LASSO_GRID = tuple(np.logspace(-3, 0, 13))  # times the smallest alpha that zeroes every beta
+LASSO_MAX_ITER = 5000
 
 
 @dataclass(frozen=True)
 class RegressionFit:
-    beta: torch.Tensor  # (C,) float64, utility units per kept unit
-    intercept: float
-    alpha: float  # chosen regularisation strength (on standardised scores)
+    """One round's regression: an importance per candidate unit and how well it predicts."""
+
+    beta: torch.Tensor  # (C,) float64, utility gained by keeping each candidate unit
+    intercept: float  # predicted utility with every candidate removed
+    alpha: float  # chosen regularisation strength (scikit-learn's scale, standardised scores)
     cv_error: float  # mean held-out squared error at alpha, in utility units squared
-    method: str
+    method: str  # "ridge" or "lasso"
 
 
 def fit_importance(
@@ -33,32 +49,71 @@ def fit_importance(
     alphas: Sequence[float] | None = None,
     n_folds: int = 5,
 ) -> RegressionFit:
-    """Fit beta from masks (N, C) bool and scores (N,) finite floats."""
-    from sklearn.linear_model import LassoCV, RidgeCV
+    """Fit beta (C,) from keep masks (N, C) bool over the candidates and utilities (N,).
+
+    masks: the sampled keep masks restricted to the candidate columns (``masks[:, ~fixed]``);
+    scores: the utility of each masked sub-model, finite (replace failures first);
+    method: "ridge" or "lasso"; alphas: the grid to search (default: scaled to the data, see
+    ``default_alphas``); n_folds: K of the K-fold search, lowered to N when N is smaller.
+
+    Constant scores carry no information: beta is all zeros, alpha and cv_error are 0.
+    """
+    from sklearn.linear_model import LassoCV, RidgeCV  # deferred: a slow import
     from sklearn.model_selection import KFold
 
-    x = masks.double().cpu().numpy()  # (N, C)
-    y = scores.double().cpu().numpy()  # (N,)
+    if method not in METHODS:
+        raise ValueError(f"unknown regression {method!r}; choose one of: {', '.join(METHODS)}")
+    if masks.dim() != 2 or scores.dim() != 1 or masks.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"masks must be (N, C) and scores (N,), got {tuple(masks.shape)} and "
+            f"{tuple(scores.shape)}"
+        )
+    x = masks.detach().cpu().double().numpy()  # (N, C)
+    y = scores.detach().cpu().double().numpy()  # (N,)
     if not np.isfinite(y).all():
-        raise ValueError("scores must be finite; replace failed sub-models first")
+        raise ValueError("scores must be finite; replace failed sub-models before the fit")
     n_samples, n_features = x.shape
+    if n_samples < 2:
+        raise ValueError(f"need at least 2 scored masks to fit, got {n_samples}")
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
     mean, std = float(y.mean()), float(y.std())
-    if std == 0 or n_features == 0:
-        return RegressionFit(torch.zeros(n_features, dtype=torch.float64), mean, 0.0, 0.0, method)
-    y_std = (y - mean) / std
-    alphas = list(alphas or DEFAULT_ALPHAS)
-    folds = KFold(n_splits=max(2, min(n_folds, n_samples)), shuffle=True, random_state=0)
+    if std == 0.0 or n_features == 0:
+        beta = torch.zeros(n_features, dtype=torch.float64)
+        return RegressionFit(beta, mean, 0.0, 0.0, method)
+    y_std = (y - mean) / std  # (N,) mean 0, variance 1
+    grid = list(alphas) if alphas is not None else default_alphas(x, y_std, method)
+    folds = KFold(n_splits=min(n_folds, n_samples), shuffle=True, random_state=0)
     if method == "ridge":
-        model = RidgeCV(alphas=alphas, cv=folds, scoring="neg_mean_squared_error").fit(x, y_std)
-        alpha = float(model.alpha_)
-        cv = -float(model.best_score_)
-    elif method == "lasso":
-        # Lasso's alpha scale differs from ridge's: let scikit-learn build its own path
-        model = LassoCV(cv=folds, random_state=0, max_iter=5000).fit(x, y_std)
-        alpha = float(model.alpha_)
-        cv = float(model.mse_path_.mean(axis=1).min())
+        model = RidgeCV(alphas=grid, cv=folds, scoring="neg_mean_squared_error").fit(x, y_std)
+        cv_error = -float(model.best_score_)
     else:
-        raise ValueError(f"unknown regression {method!r}; choose ridge or lasso")
-    beta = torch.from_numpy(np.asarray(model.coef_, dtype=np.float64) * std)
+        model = LassoCV(alphas=grid, cv=folds, max_iter=LASSO_MAX_ITER).fit(x, y_std)
+        at_alpha = int(np.argmin(np.abs(model.alphas_ - model.alpha_)))
+        cv_error = float(model.mse_path_[at_alpha].mean())  # mse_path_: (n_alphas, n_folds)
+    beta = torch.from_numpy(np.asarray(model.coef_, dtype=np.float64) * std)  # (C,)
     intercept = float(model.intercept_) * std + mean
-    return RegressionFit(beta, intercept, alpha, cv * std**2, method)
+    return RegressionFit(beta, intercept, float(model.alpha_), cv_error * std**2, method)
+
+
+def default_alphas(x: np.ndarray, y_std: np.ndarray, method: str) -> list[float]:
+    """A grid of alphas scaled to the design x (N, C), so it fits any number of units and masks.
+
+    Ridge: a fixed grid would mean light shrinkage with 40 candidates and none at all with
+    20,000 (the penalty competes with eigenvalues that grow with C). So the grid is relative
+    to the mean non-zero eigenvalue of the centred Gram matrix, ``N * sum(var_j) / min(N, C)``:
+    from near-interpolation (1e-3 x) to heavy shrinkage, where beta ranks units by their
+    correlation with the utility (1e2 x). Lasso: relative to ``max|x_c^T y| / N``, the
+    smallest alpha at which every beta is zero (what LassoCV's own path does, with a fixed
+    size that does not depend on the scikit-learn version).
+    """
+    n_samples, n_features = x.shape
+    if method == "ridge":
+        scale = n_samples * float(x.var(axis=0).sum()) / min(n_samples, n_features)
+        relative = RIDGE_GRID
+    else:
+        centred = x - x.mean(axis=0)  # (N, C)
+        scale = float(np.abs(centred.T @ y_std).max()) / n_samples
+        relative = LASSO_GRID
+    scale = scale if scale > 0 else 1.0  # every column constant: any alpha gives beta = 0
+    return [scale * r for r in relative]

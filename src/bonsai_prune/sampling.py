@@ -1,23 +1,45 @@
-"""Sampling sub-models: antithetic pairs of keep masks over the round's candidate units.
+"""Sampling sub-models: antithetic pairs of keep masks over a round's candidate units.
 
-Each mask removes ``round(f * n)`` units of every module, drawn without replacement from the
-module's candidates with probability proportional to ``max(prior) - prior`` (plus a small
-floor so that every candidate can be drawn). Its partner removes exactly the candidates it
-kept: the pair covers every candidate once, which halves the variance of the regression's
-estimate for the same number of evaluations. Paper: https://arxiv.org/abs/2402.05406
+The first mask of a pair removes ``k = round(f * n)`` units of every module (n counts the
+module's units, fixed ones included), drawn without replacement from the module's candidates
+with probability proportional to ``max(prior) - prior + eps`` over those candidates: units the
+prior rates low are perturbed more often, yet every candidate can be drawn. Its partner
+removes exactly the candidates the first kept and keeps the ones it removed. Each candidate is
+thus present in exactly one mask of the pair, which balances the regression's design and
+cancels much of the sampling noise for the same number of evaluations.
+
+Paper: Dery et al., "Everybody Prune Now", https://arxiv.org/abs/2402.05406 (section 3.2).
 """
 
 from __future__ import annotations
 
 import torch
 
-EPSILON = 1e-6  # relative floor on the sampling weight
+from .priors import units_to_remove
+
+EPSILON = 1e-6  # sampling-weight floor, relative to the module's largest gap (or to 1)
 
 
 def removal_weights(prior: torch.Tensor) -> torch.Tensor:
-    """Sampling weights (n,) for candidates with prior (n,): low prior, high weight."""
-    gap = prior.max() - prior  # (n,)
-    return gap + EPSILON * (gap.max() + 1.0)
+    """Sampling weights (c,) float64 for candidates with prior (c,): low prior, high weight.
+
+    ``max - prior`` would give the most important candidate probability zero; the floor keeps
+    it possible, and turns an all-equal prior into uniform sampling.
+    """
+    gap = prior.double().max() - prior.double()  # (c,) >= 0
+    return gap + EPSILON * max(float(gap.max()), 1.0)
+
+
+def removals_per_module(n_units: int, n_candidates: int, prune_fraction: float) -> int:
+    """Units the first mask of a pair removes from one module.
+
+    ``round(f * n)`` (half up), capped by the candidates, and at least 1 whenever the module
+    has candidates and f > 0: a candidate that no mask ever removes has a constant column in
+    the regression, gets beta = 0, and would be ranked by an artefact rather than by data.
+    """
+    if n_candidates == 0 or prune_fraction <= 0:
+        return 0
+    return min(n_candidates, max(1, units_to_remove(n_units, prune_fraction)))
 
 
 def sample_masks(
@@ -29,25 +51,43 @@ def sample_masks(
     *,
     generator: torch.Generator,
 ) -> torch.Tensor:
-    """Keep masks (2 * n_pairs, U), True = keep; rows 2i and 2i+1 are an antithetic pair.
+    """Keep masks (2 * n_pairs, U) bool, True = keep; rows 2i and 2i+1 are an antithetic pair.
 
-    Fixed units are kept in every mask. Modules with no candidates are untouched.
+    prior (U,): higher = more important; fixed (U,) bool: units kept in every mask (see
+    ``priors.fixed_units``); module_index (U,) long: each unit's module; prune_fraction: f in
+    [0, 1]; generator: a CPU generator, the only source of randomness.
+
+    Fixed units are kept in every mask; modules without candidates are untouched. Row 2i
+    removes ``removals_per_module(...)`` candidates per module; row 2i+1 removes the rest of
+    the module's candidates (the same number when the module has ``2k`` candidates).
     """
-    n_units = prior.shape[0]
-    masks = torch.ones((2 * n_pairs, n_units), dtype=torch.bool)
-    modules = []
-    for module in torch.unique(module_index).tolist():
-        units = torch.nonzero(module_index == module).flatten()
+    if not 0.0 <= prune_fraction <= 1.0:
+        raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction}")
+    if n_pairs < 0:
+        raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
+    if not (prior.shape == fixed.shape == module_index.shape) or prior.dim() != 1:
+        raise ValueError(
+            "prior, fixed and module_index must all be (U,), got "
+            f"{tuple(prior.shape)}, {tuple(fixed.shape)}, {tuple(module_index.shape)}"
+        )
+    prior, fixed, module_index = prior.detach().cpu(), fixed.cpu(), module_index.cpu()
+    if not bool(torch.isfinite(prior[~fixed]).all()):
+        raise ValueError("prior has non-finite entries among the candidates")
+    masks = torch.ones((2 * n_pairs, prior.numel()), dtype=torch.bool)  # (N, U)
+    if n_pairs == 0:
+        return masks
+    by_module = torch.sort(module_index, stable=True).indices  # (U,) grouped by module
+    sizes = torch.bincount(module_index).tolist()  # (M,)
+    for units in torch.split(by_module, sizes):  # (n,) global indices of one module
         candidates = units[~fixed[units]]  # (c,)
-        k = min(round(prune_fraction * len(units)), len(candidates))
-        if k > 0:
-            modules.append((candidates, k, removal_weights(prior[candidates].double())))
-    for pair in range(n_pairs):
-        for candidates, k, weights in modules:
-            removed = candidates[
-                torch.multinomial(weights, k, replacement=False, generator=generator)
-            ]
-            masks[2 * pair, removed] = False
-            complement = masks[2 * pair, candidates]  # candidates the first mask kept
-            masks[2 * pair + 1, candidates] = ~complement
+        k = removals_per_module(units.numel(), candidates.numel(), prune_fraction)
+        if k == 0:
+            continue
+        weights = removal_weights(prior[candidates]).expand(n_pairs, -1)  # (P, c)
+        # each row draws k distinct candidates; rows are independent pairs
+        drawn = torch.multinomial(weights, k, replacement=False, generator=generator)  # (P, k)
+        first = torch.ones((n_pairs, candidates.numel()), dtype=torch.bool)  # (P, c)
+        first.scatter_(1, drawn, False)
+        masks[0::2, candidates] = first
+        masks[1::2, candidates] = ~first  # the antithetic partner, within the candidates
     return masks

@@ -1,28 +1,37 @@
 """Choosing what to remove: the least important units, within a parameter budget.
 
-Units are walked from the lowest importance up; each is removed if its module keeps its floor
-and its parameters fit in what is left of the budget. Paper: https://arxiv.org/abs/2402.05406
+Units are walked from the lowest importance up; each is removed if its module stays at or
+above its floor and its parameters fit in what is left of the round's budget, and skipped
+otherwise (a cheaper, slightly more important unit may still fit). Units scored +inf (fixed
+this round, or of a kind the user does not prune) are never removed.
+
+Paper: Dery et al., "Everybody Prune Now", https://arxiv.org/abs/2402.05406 (section 3.2).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 
 class Selection(NamedTuple):
-    keep: torch.Tensor  # (U,) bool
-    removed_params: float
+    """The units a round keeps and the parameters their removal frees."""
+
+    keep: torch.Tensor  # (U,) bool keep mask, True = kept
+    removed_params: float  # sum of the costs of the units removed by this selection
 
 
 def round_budget(
     n_original: int, n_current: int, target_sparsity: float, prune_fraction: float
 ) -> float:
-    """Parameters to remove this round: f of the original, clipped so the target is not overshot."""
-    remaining_to_target = n_current - (1 - target_sparsity) * n_original
-    return max(0.0, min(prune_fraction * n_original, remaining_to_target))
+    """Parameters to remove this round: f of the original count, clipped at the target.
+
+    ``min(f * n_original, n_current - (1 - p) * n_original)`` and never negative, so the last
+    round removes only what is left to reach sparsity p instead of overshooting it.
+    """
+    left_to_target = n_current - (1.0 - target_sparsity) * n_original
+    return max(0.0, min(prune_fraction * n_original, left_to_target))
 
 
 def select_units(
@@ -31,29 +40,59 @@ def select_units(
     budget: float,
     module_index: torch.Tensor,
     min_keep: torch.Tensor,
+    current_keep: torch.Tensor | None = None,
 ) -> Selection:
-    """Keep mask (U,) removing low-score units until ``budget`` parameters are freed.
+    """Keep mask (U,) that removes the least important units until ``budget`` is spent.
 
-    score (U,): importance, +inf for units that must stay; unit_costs (U,): parameters each
-    frees; min_keep (M,): fewest units each module keeps.
+    score (U,): importance, higher = keep; +inf = never remove; ties go to the lower index.
+    unit_costs (U,): parameters removing each unit frees (>= 0). budget: parameters to remove.
+    module_index (U,) long: each unit's module in [0, M). min_keep (M,) long: fewest units each
+    module keeps (1, or 0 where emptying a module is allowed).
+    current_keep (U,) bool, optional: units already removed (False) stay removed, do not count
+    towards their module's floor, and are not charged to the budget again.
+
+    Greedy, as in Bonsai: a unit that does not fit is skipped and the walk goes on; it ends
+    when what is left of the budget is below the cost of every unit still ahead.
     """
-    keep = torch.ones(score.shape[0], dtype=torch.bool)
-    kept_in_module = torch.bincount(module_index, minlength=len(min_keep)).tolist()
+    n_units = score.shape[0]
+    if not (score.shape == unit_costs.shape == module_index.shape) or score.dim() != 1:
+        raise ValueError(
+            "score, unit_costs and module_index must all be (U,), got "
+            f"{tuple(score.shape)}, {tuple(unit_costs.shape)}, {tuple(module_index.shape)}"
+        )
+    score, costs = score.detach().cpu().double(), unit_costs.detach().cpu().double()
+    module_index, min_keep = module_index.cpu(), min_keep.cpu()
+    if bool(torch.isnan(score).any()):
+        raise ValueError("score has NaN entries; give units that must stay +inf")
+    if bool((costs < 0).any()):
+        raise ValueError("unit_costs must be >= 0")
+    if n_units and int(module_index.max()) >= min_keep.numel():
+        raise ValueError(
+            f"module_index reaches {int(module_index.max())} but min_keep has only "
+            f"{min_keep.numel()} modules"
+        )
+    keep = torch.ones(n_units, dtype=torch.bool)
+    if current_keep is not None:
+        keep = current_keep.detach().cpu().bool().clone()
+    # (M,) units each module still has
+    kept_in_module = torch.bincount(module_index[keep], minlength=min_keep.numel()).tolist()
     floor = min_keep.tolist()
-    costs = unit_costs.double().tolist()
-    modules = module_index.tolist()
-    removable = [
-        i for i in torch.sort(score, stable=True).indices.tolist() if math.isfinite(score[i])
-    ]
-    cheapest = min((costs[i] for i in removable), default=math.inf)
-    left = float(budget)
-    for unit in removable:
-        if left < cheapest:
+
+    order = torch.sort(score, stable=True).indices  # (U,) least important first
+    order = order[(score[order] != float("inf")) & keep[order]]  # (R,) removable, in order
+    # (R,) cheapest cost from each position on: once the budget left is below it, stop
+    cheapest_ahead = costs[order].flip(0).cummin(0).values.flip(0).tolist()
+    unit_cost = costs.tolist()
+    unit_module = module_index.tolist()
+    left, removed = float(budget), 0.0
+    for position, unit in enumerate(order.tolist()):
+        if left < cheapest_ahead[position]:
             break
-        module = modules[unit]
-        if costs[unit] > left or kept_in_module[module] <= floor[module]:
+        module = unit_module[unit]
+        if unit_cost[unit] > left or kept_in_module[module] <= floor[module]:
             continue
         keep[unit] = False
         kept_in_module[module] -= 1
-        left -= costs[unit]
-    return Selection(keep, float(budget) - left)
+        left -= unit_cost[unit]
+        removed += unit_cost[unit]
+    return Selection(keep, removed)

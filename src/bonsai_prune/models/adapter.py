@@ -96,8 +96,12 @@ class ArchitectureAdapter(Protocol):
     def count_parameters(self, model) -> int:
         """Prunable-scope parameters: everything except embeddings and the LM head."""
 
-    def min_units(self, kind: str) -> int:
-        """Fewest units a module of this kind may keep for the model to still run."""
+    def min_units(self, kind: str, allow_empty: bool = False) -> int:
+        """Fewest units a module of this kind may keep for the model to still run.
+
+        allow_empty: the caller accepts a module losing all its units where the adapter can
+        stand in for the emptied sub-layer (0 then); without it, what the stock module needs.
+        """
 
     def apply_masks(self, model, keep: torch.Tensor) -> AbstractContextManager[None]:
         """Virtually remove units: keep (U,) or (B, U), one row per batch row. No weight changes."""

@@ -9,6 +9,13 @@ the ``bonsai_sdpa`` attention function: SDPA after gathering K/V by that map. Th
 head is its q rows and o columns plus an equal share of its group's K/V rows, so removing a
 whole group frees exactly the K/V parameters; the parameter count after slicing is exact.
 
+A layer may lose every query head (FinerCut removes whole attention sub-layers, and Bonsai can
+when the user allows empty modules): slicing then puts an :class:`EmptyAttention` in place of
+``self_attn``, which adds nothing to the residual stream (exactly what the fully masked module
+adds) and owns no weights but the o_proj bias, if the model has one. The layer's
+``input_layernorm`` stays, unused: it keeps state-dict names stable and costs ``hidden``
+parameters, which stay counted.
+
 Masking (virtual sub-models) needs no weight change: a forward pre-hook on ``o_proj`` scales
 each head's slice of the concatenated head outputs, one on ``down_proj`` scales each neuron.
 """
@@ -71,9 +78,51 @@ def _empty_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
     return nn.Linear(n_in, n_out, bias=bias, device="meta")
 
 
+def _empty_attention_like(attn) -> EmptyAttention:
+    """The EmptyAttention that replaces ``attn`` once its last query head is removed."""
+    bias = attn.o_proj.bias
+    return EmptyAttention(
+        attn.layer_idx, attn.head_dim, None if bias is None else bias.detach().clone()
+    )
+
+
 def _channels(units: torch.Tensor, width: int) -> torch.Tensor:
     """Channel indices (n*width,) of the given head indices (n,)."""
     return (units[:, None] * width + torch.arange(width)).reshape(-1)
+
+
+class EmptyAttention(nn.Module):
+    """Stands in for an attention sub-layer whose query heads have all been removed.
+
+    Its output is zero (plus the o_proj bias, if the model had one), exactly what the fully
+    masked attention gives. It still writes to the KV cache: transformers reads the cached
+    sequence length from layer 0 (``get_seq_length()``) to place new tokens, and a zero-head
+    (b, 0, s, head_dim) tensor would not count (``DynamicLayer.get_seq_length`` returns 0 for
+    a cache with no elements), so the layer caches a (b, 1, s, 1) zero placeholder instead:
+    one number per token.
+    """
+
+    def __init__(self, layer_idx: int, head_dim: int, o_bias: torch.Tensor | None = None):
+        super().__init__()
+        self.layer_idx, self.head_dim = layer_idx, head_dim
+        self.o_bias = None if o_bias is None else nn.Parameter(o_bias, requires_grad=False)
+
+    def forward(
+        self,
+        hidden_states,
+        position_embeddings=None,
+        attention_mask=None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        b, s, _ = hidden_states.shape
+        if past_key_values is not None:
+            placeholder = hidden_states.new_zeros(b, 1, s, 1)  # (b, 1 "head", s, 1)
+            past_key_values.update(placeholder, placeholder, self.layer_idx)
+        out = torch.zeros_like(hidden_states)  # (b, s, hidden)
+        if self.o_bias is not None:
+            out = out + self.o_bias
+        return out, None
 
 
 @ADAPTERS.register("llama")
@@ -87,10 +136,19 @@ class LlamaAdapter:
         return attn.head_dim
 
     def _n_heads(self, attn) -> int:
+        if isinstance(attn, EmptyAttention):
+            return 0
         return attn.q_proj.out_features // attn.head_dim
+
+    def _n_kv_heads(self, attn) -> int:
+        if isinstance(attn, EmptyAttention):
+            return 0
+        return attn.k_proj.out_features // attn.head_dim
 
     def _kv_index(self, attn) -> torch.Tensor:
         """LongTensor (n_query_heads,): which K/V head each query head reads."""
+        if isinstance(attn, EmptyAttention):
+            return torch.zeros(0, dtype=torch.long)
         index = getattr(attn, "kv_head_index", None)
         if index is not None:
             return index.cpu()
@@ -105,26 +163,34 @@ class LlamaAdapter:
             sizes.append((i, NEURONS, layer.mlp.down_proj.in_features))
         return UnitLayout.from_sizes(sizes)
 
-    def min_units(self, kind: str) -> int:
-        # An attention layer with no query head has no shape HF can run; an empty MLP is fine.
-        return 1 if kind == HEADS else 0
+    def min_units(self, kind: str, allow_empty: bool = False) -> int:
+        # An emptied attention layer becomes an EmptyAttention, which changes the module
+        # type, so it happens only when the caller asks for it; an empty MLP is plain shapes.
+        return 1 if kind == HEADS and not allow_empty else 0
 
     def unit_costs(self, model) -> torch.Tensor:
         costs = []
         for layer in self._layers(model):
-            attn, mlp = layer.self_attn, layer.mlp
-            hidden, hd = attn.o_proj.out_features, attn.head_dim
-            kv_index = self._kv_index(attn)
-            group_size = torch.bincount(kv_index)[kv_index].double()  # (n_heads,)
-            q_bias = hd if attn.q_proj.bias is not None else 0
-            kv_share = 2 * (hd * hidden + (hd if attn.k_proj.bias is not None else 0))
-            costs.append(2 * hd * hidden + q_bias + kv_share / group_size)
+            mlp = layer.mlp
+            hidden = mlp.down_proj.out_features
+            costs.append(self._head_costs(layer.self_attn, hidden))
             gate_up_bias = 2 if mlp.gate_proj.bias is not None else 0
             neuron = 3 * hidden + gate_up_bias
             costs.append(
                 torch.full((mlp.down_proj.in_features,), float(neuron), dtype=torch.float64)
             )
         return torch.cat(costs)
+
+    def _head_costs(self, attn, hidden: int) -> torch.Tensor:
+        """FloatTensor (n_heads,): q rows, o columns and an equal share of the group's K/V."""
+        if isinstance(attn, EmptyAttention):
+            return torch.zeros(0, dtype=torch.float64)
+        hd = attn.head_dim
+        kv_index = self._kv_index(attn)
+        group_size = torch.bincount(kv_index)[kv_index].double()  # (n_heads,)
+        q_bias = hd if attn.q_proj.bias is not None else 0
+        kv_share = 2 * (hd * hidden + (hd if attn.k_proj.bias is not None else 0))
+        return 2 * hd * hidden + q_bias + kv_share / group_size
 
     def count_parameters(self, model) -> int:
         scope = list(self._layers(model)) + [model.model.norm]
@@ -160,9 +226,9 @@ class LlamaAdapter:
         handles = []
         try:
             for i, layer in enumerate(self._layers(model)):
-                handles.append(
-                    layer.self_attn.o_proj.register_forward_pre_hook(collector.hook(i, HEADS))
-                )
+                if not isinstance(layer.self_attn, EmptyAttention):
+                    o_proj = layer.self_attn.o_proj
+                    handles.append(o_proj.register_forward_pre_hook(collector.hook(i, HEADS)))
                 handles.append(
                     layer.mlp.down_proj.register_forward_pre_hook(collector.hook(i, NEURONS))
                 )
@@ -181,7 +247,9 @@ class LlamaAdapter:
             layer = self._layers(model)[module.layer]
             kept = torch.nonzero(mask).flatten()
             if module.kind == HEADS:
-                if len(kept) < module.n_units:
+                if len(kept) == 0 < module.n_units:
+                    layer.self_attn = _empty_attention_like(layer.self_attn)
+                elif len(kept) < module.n_units:
                     self._slice_heads(layer.self_attn, kept)
             elif len(kept) < module.n_units:
                 mlp = layer.mlp
@@ -214,7 +282,7 @@ class LlamaAdapter:
             layers.append(
                 {
                     "query_heads": self._n_heads(attn),
-                    "kv_heads": attn.k_proj.out_features // attn.head_dim,
+                    "kv_heads": self._n_kv_heads(attn),
                     "kv_head_index": self._kv_index(attn).tolist(),
                     "intermediate_size": layer.mlp.down_proj.in_features,
                 }
@@ -227,13 +295,19 @@ class LlamaAdapter:
             attn, mlp = layer.self_attn, layer.mlp
             hidden, hd = attn.o_proj.out_features, attn.head_dim
             nq, nkv, inter = sizes["query_heads"], sizes["kv_heads"], sizes["intermediate_size"]
-            qkv_bias = attn.q_proj.bias is not None
-            attn.q_proj = _empty_linear(hidden, nq * hd, qkv_bias)
-            attn.k_proj = _empty_linear(hidden, nkv * hd, qkv_bias)
-            attn.v_proj = _empty_linear(hidden, nkv * hd, qkv_bias)
-            attn.o_proj = _empty_linear(nq * hd, hidden, attn.o_proj.bias is not None)
-            index = torch.tensor(sizes["kv_head_index"], dtype=torch.long)
-            self._set_kv_index(attn, index, device=layer.input_layernorm.weight.device)
+            if nq == 0:
+                o_bias = (
+                    torch.empty(hidden, device="meta") if attn.o_proj.bias is not None else None
+                )
+                layer.self_attn = EmptyAttention(attn.layer_idx, hd, o_bias)
+            else:
+                qkv_bias = attn.q_proj.bias is not None
+                attn.q_proj = _empty_linear(hidden, nq * hd, qkv_bias)
+                attn.k_proj = _empty_linear(hidden, nkv * hd, qkv_bias)
+                attn.v_proj = _empty_linear(hidden, nkv * hd, qkv_bias)
+                attn.o_proj = _empty_linear(nq * hd, hidden, attn.o_proj.bias is not None)
+                index = torch.tensor(sizes["kv_head_index"], dtype=torch.long)
+                self._set_kv_index(attn, index, device=layer.input_layernorm.weight.device)
             mlp_bias = mlp.down_proj.bias is not None
             mlp.gate_proj = _empty_linear(hidden, inter, mlp_bias)
             mlp.up_proj = _empty_linear(hidden, inter, mlp_bias)
@@ -266,7 +340,8 @@ class _StatsCollector:
 
     def hook(self, layer: int, kind: str):
         def record(module, args):
-            x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1])  # (tokens, channels)
+            x = args[0].detach().float().abs()
+            x = x.flatten(0, -2)  # (tokens, channels); channels may be 0 (an emptied MLP)
             key = (layer, kind)
             self.abs_sum[key] = self.abs_sum.get(key, 0) + x.sum(0).cpu()
             self.n_tokens[key] = self.n_tokens.get(key, 0) + x.shape[0]
@@ -283,11 +358,15 @@ class _StatsCollector:
         for i, layer in enumerate(self.adapter._layers(self.model)):
             attn, mlp = layer.self_attn, layer.mlp
             hd = attn.head_dim
-            o_cols = attn.o_proj.weight.float().norm(dim=0).cpu()  # (n_heads*hd,)
-            mean_abs = self.abs_sum[(i, HEADS)] / self.n_tokens[(i, HEADS)]
-            wanda.append((mean_abs * o_cols).view(-1, hd).sum(1))
-            q_rows = attn.q_proj.weight.float().pow(2).sum(1).cpu().view(-1, hd).sum(1)
-            weight_norm.append((q_rows + o_cols.pow(2).view(-1, hd).sum(1)).sqrt())
+            if isinstance(attn, EmptyAttention):
+                wanda.append(torch.zeros(0))
+                weight_norm.append(torch.zeros(0))
+            else:
+                o_cols = attn.o_proj.weight.float().norm(dim=0).cpu()  # (n_heads*hd,)
+                mean_abs = self.abs_sum[(i, HEADS)] / self.n_tokens[(i, HEADS)]
+                wanda.append((mean_abs * o_cols).view(-1, hd).sum(1))
+                q_rows = attn.q_proj.weight.float().pow(2).sum(1).cpu().view(-1, hd).sum(1)
+                weight_norm.append((q_rows + o_cols.pow(2).view(-1, hd).sum(1)).sqrt())
             down_cols = mlp.down_proj.weight.float().norm(dim=0).cpu()  # (intermediate,)
             mean_abs = self.abs_sum[(i, NEURONS)] / self.n_tokens[(i, NEURONS)]
             wanda.append(mean_abs * down_cols)

@@ -1,0 +1,417 @@
+"""``bonsai-prune bench``: where pruning time goes, and what slicing buys, measured in one run.
+
+Every ratio compares two measurements taken in the same run on the same machine:
+
+* sub-model evaluation, the project's path against a *reference loop* written the way the
+  original Bonsai code works (fp32, one mask at a time, masks in Python hooks, the LM head at
+  every position; for U†, one prompt at a time), on the same masks and calibration problems;
+* the model FLOP/s of that evaluation against this machine's measured matmul peak;
+* decode/prefill speed, memory and size of sliced models against the dense one. Speed depends
+  only on the shapes, so the 30% and 50% models are sliced at random units under the same
+  parameter budget Bonsai uses (measuring a Bonsai-chosen model of the same shapes is equal);
+* the wall time and peak memory of a real pruning run against plain inference.
+
+Memory is read per child process (``os.wait4``), so each figure is that job's own peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+MATMUL_SHAPE = (2048, 576, 1536)  # a token batch through one MLP projection of the default model
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    quick: bool = True
+    model: str = "default"
+    n_masks: int = 4
+    calib_samples: int = 4
+    decode_tokens: int = 32
+    seed: int = 0
+
+    @classmethod
+    def make(cls, quick: bool, model: str = "default") -> BenchConfig:
+        return cls(quick, model) if quick else cls(False, model, 16, 8, 128)
+
+
+def matmul_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
+    """Measured GFLOP/s of one (2048x576)@(576x1536) matmul in ``dtype``."""
+    m, k, n = MATMUL_SHAPE
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    a @ b
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * m * k * n * repeats / (time.perf_counter() - began) / 1e9
+
+
+# ---- sub-model evaluation: project path vs reference loop -----------------------------------
+
+
+@torch.no_grad()
+def reference_perplexity(model, batch) -> float:
+    """-mean NLL of solution tokens, the original way: full-vocabulary logits at every position."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    labels = torch.roll(batch.input_ids, -1, dims=1)
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    per_problem = (nll * batch.target_mask).sum(1) / batch.target_mask.sum(1)
+    return -float(per_problem.mean())
+
+
+@torch.no_grad()
+def reference_generate(model, tokenizer, prompt_ids: torch.Tensor, n_new: int) -> str:
+    """Greedy decoding of one prompt with logits over the whole vocabulary at every position."""
+    output = model(input_ids=prompt_ids, use_cache=True)
+    cache, tokens = output.past_key_values, []
+    for _ in range(n_new):
+        token = output.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        if int(token) == tokenizer.eos_token_id:
+            break
+        tokens.append(int(token))
+        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def reference_u_dagger(model, batch, utility) -> float:
+    outputs = []
+    for row in range(batch.prompt_ids.shape[0]):
+        ids = batch.prompt_ids[row : row + 1][:, batch.prompt_attention_mask[row].bool()]
+        outputs.append(reference_generate(model, batch.tokenizer, ids, utility.config.gen_tokens))
+    answers, prefixes = utility.references(batch)
+    return utility.score(outputs, answers, prefixes)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _timed(fn):
+    began = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - began
+
+
+def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
+    """Evaluations per second and utility agreement, project path vs reference loop."""
+    from .config import PruneConfig, UtilityConfig
+    from .data import load_gsm8k, sample_problems
+    from .models import adapter_for, load_model
+    from .priors import fixed_units
+    from .pruner import score_masks
+    from .sampling import sample_masks
+    from .utility import build_batch, resolve_utility
+
+    fast_model, tokenizer = load_model(config.model, dtype="auto")
+    ref_model, _ = load_model(config.model, dtype="fp32")
+    adapter = adapter_for(fast_model)
+    layout = adapter.layout(fast_model)
+    problems = sample_problems(load_gsm8k("train"), config.calib_samples, seed=config.seed)
+    batch = build_batch(tokenizer, problems)
+    generator = torch.Generator().manual_seed(config.seed)
+    prior = torch.rand(layout.n_units, generator=generator, dtype=torch.float64)
+    fixed = fixed_units(prior, layout.module_index, 0.1)
+    masks = sample_masks(
+        prior, fixed, layout.module_index, 0.1, config.n_masks // 2, generator=generator
+    )
+    per_forward = PruneConfig().masks_per_forward
+    figures: dict = {
+        "n_masks": config.n_masks,
+        "calib_samples": config.calib_samples,
+        "fast_dtype": str(fast_model.dtype).removeprefix("torch."),
+    }
+
+    for name in ("perplexity", "comprehensive"):
+        utility = resolve_utility(UtilityConfig(name=name))
+        utility(fast_model, batch)  # warm-up: kernels, and the embedding model for U†
+        fast, fast_s = _timed(
+            lambda u=utility: score_masks(
+                adapter, fast_model, u, batch, masks, per_forward, progress
+            ).tolist()
+        )
+        reference, reference_s = [], 0.0
+        for keep in masks:
+            with adapter.apply_masks(ref_model, keep):
+                if name == "perplexity":
+                    value, seconds = _timed(lambda: reference_perplexity(ref_model, batch))
+                else:
+                    value, seconds = _timed(
+                        lambda u=utility: reference_u_dagger(ref_model, batch, u)
+                    )
+            reference.append(value)
+            reference_s += seconds
+        figures[name] = {
+            "fast_evals_per_s": len(masks) / fast_s,
+            "reference_evals_per_s": len(masks) / reference_s,
+            "eval_speedup_vs_reference": reference_s / fast_s,
+            "utility_rank_corr": spearman(fast, reference),
+            "fast_s_per_eval": fast_s / len(masks),
+        }
+        if name == "perplexity":
+            tokens = (
+                int(batch.attention_mask.sum()) * 0 + batch.input_ids.numel()
+            )  # padded tokens run too
+            params = adapter.count_parameters(fast_model)
+            hidden, vocab = fast_model.config.hidden_size, fast_model.config.vocab_size
+            flops = 2 * params * tokens + 2 * hidden * vocab * batch.n_target_tokens
+            figures[name]["model_gflops_per_s"] = flops * len(masks) / fast_s / 1e9
+    return figures
+
+
+# ---- decode, prefill, memory, size: dense vs sliced ---------------------------------------
+
+
+def slice_at_random(model, adapter, sparsity: float, seed: int) -> None:
+    """Remove random units until ``sparsity`` of the non-embedding parameters are gone."""
+    from .pruner import min_keep_per_module
+    from .selection import select_units
+
+    layout = adapter.layout(model)
+    scores = torch.rand(
+        layout.n_units, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
+    budget = sparsity * adapter.count_parameters(model)
+    selection = select_units(
+        scores,
+        adapter.unit_costs(model),
+        budget,
+        layout.module_index,
+        min_keep_per_module(adapter, layout, allow_empty=False),
+    )
+    adapter.slice(model, selection.keep)
+
+
+def measure_inference(model_dir: str, decode_tokens: int, dtype: str) -> dict:
+    """Run in a child process: prefill and greedy decode speed of one model, batch 1 and 8."""
+    from .data import load_gsm8k
+    from .models import load_model
+    from .prompts import format_prompt
+
+    model, tokenizer = load_model(model_dir, dtype=dtype)
+    prompts = [format_prompt(tokenizer, p.question) for p in load_gsm8k("test")[:8]]
+    figures = {}
+    with torch.no_grad():
+        for batch_size in (1, 8):
+            inputs = tokenizer(
+                prompts[:batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            kwargs = {
+                "max_new_tokens": decode_tokens,
+                "min_new_tokens": decode_tokens,
+                "do_sample": False,
+                "pad_token_id": tokenizer.pad_token_id,
+            }
+            model.generate(
+                **inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            _, prefill_s = _timed(lambda i=inputs: model(**i, logits_to_keep=1))
+            _, total_s = _timed(lambda i=inputs, k=kwargs: model.generate(**i, **k))
+            decode_s = max(total_s - prefill_s, 1e-9)
+            figures[f"batch{batch_size}"] = {
+                "prefill_tokens_per_s": int(inputs["attention_mask"].sum()) / prefill_s,
+                "decode_tokens_per_s": batch_size * (decode_tokens - 1) / decode_s,
+            }
+    return figures
+
+
+def run_child(args: list[str]) -> tuple[dict, int]:
+    """Run ``python -m bonsai_prune.bench <args>``; return its JSON and its own peak RSS (bytes)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bonsai_prune.bench", *args], stdout=subprocess.PIPE, text=True
+    )
+    stdout = process.stdout.read() if process.stdout else ""
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"benchmark child {args[0]} failed with code {process.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1]), usage.ru_maxrss * 1024
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def bench_slicing(config: BenchConfig, workdir: Path) -> dict:
+    from . import io
+    from .models import adapter_for, load_model
+    from .models.loading import dequantised_default
+
+    dense_dir = dequantised_default() if config.model == "default" else Path(config.model)
+    dirs = {"dense": dense_dir}
+    for sparsity in (0.3, 0.5):
+        model, tokenizer = load_model(config.model, dtype="fp32")
+        adapter = adapter_for(model)
+        slice_at_random(model, adapter, sparsity, config.seed)
+        dirs[f"{int(sparsity * 100)}"] = io.save_model(
+            workdir / f"sliced{int(sparsity * 100)}", model, tokenizer, adapter.structure(model)
+        )
+    measured = {}
+    for name, folder in dirs.items():
+        figures, peak = run_child(["inference", str(folder), str(config.decode_tokens)])
+        measured[name] = {
+            **figures,
+            "peak_rss_bytes": peak,
+            "size_on_disk_bytes": _dir_bytes(folder),
+        }
+    out = {"models": measured}
+    dense = measured["dense"]
+    for name in ("30", "50"):
+        pruned = measured[name]
+        out[f"decode_speedup_at_{name}"] = {
+            f"batch{b}": pruned[f"batch{b}"]["decode_tokens_per_s"]
+            / dense[f"batch{b}"]["decode_tokens_per_s"]
+            for b in (1, 8)
+        }
+        out[f"prefill_speedup_at_{name}"] = {
+            f"batch{b}": pruned[f"batch{b}"]["prefill_tokens_per_s"]
+            / dense[f"batch{b}"]["prefill_tokens_per_s"]
+            for b in (1, 8)
+        }
+        out[f"peak_rss_ratio_at_{name}"] = pruned["peak_rss_bytes"] / dense["peak_rss_bytes"]
+        out[f"size_on_disk_ratio_at_{name}"] = (
+            pruned["size_on_disk_bytes"] / dense["size_on_disk_bytes"]
+        )
+    return out
+
+
+def bench_pruning(config: BenchConfig, workdir: Path) -> dict:
+    """Wall time and peak memory of pruning the default model to 50% with U†, vs inference."""
+    settings = (
+        ["--masks-per-round", "4", "--calib-samples", "2", "--prune-frac", "0.25"]
+        if config.quick
+        else []
+    )
+    args = [
+        "prune",
+        "--model",
+        config.model,
+        "--sparsity",
+        "0.5",
+        "--utility",
+        "comprehensive",
+        "--out",
+        str(workdir / "prune50"),
+        "--quiet",
+        *settings,
+    ]
+    report, prune_peak = run_child(args)
+    _, inference_peak = run_child(["inference", config.model, str(config.decode_tokens)])
+    return {
+        "prune_settings": " ".join(args[:-1]).replace(str(workdir / "prune50"), "OUT"),
+        "prune_wall_s": report["wall_s"],
+        "prune_phase_s": report["phase_seconds"],
+        "prune_peak_rss_bytes": prune_peak,
+        "inference_peak_rss_bytes": inference_peak,
+        "prune_peak_rss_over_inference": prune_peak / inference_peak,
+    }
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> dict:
+    """All figures of the benchmark, in one dictionary (see the module docstring)."""
+    began = time.perf_counter()
+    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16, repeats=2)}
+    result: dict = {"quick": config.quick, "machine": _machine(), "matmul_gflops": peaks}
+    result["evaluation"] = bench_evaluation(config, progress)
+    achieved = result["evaluation"]["perplexity"]["model_gflops_per_s"]
+    fast_dtype = (
+        result["evaluation"]["fast_dtype"].replace("float32", "fp32").replace("bfloat16", "bf16")
+    )
+    result["gemm_utilisation"] = achieved / peaks[fast_dtype]
+    result["gemm_utilisation_vs_bf16_peak"] = achieved / peaks["bf16"]
+    with tempfile.TemporaryDirectory() as tmp:
+        result["slicing"] = bench_slicing(config, Path(tmp))
+        result["pruning"] = bench_pruning(config, Path(tmp))
+    result["wall_s"] = time.perf_counter() - began
+    return result
+
+
+def _machine() -> dict:
+    import platform
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bf16_native": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def format_table(result: dict) -> str:
+    ev, sl, pr = result["evaluation"], result["slicing"], result["pruning"]
+    rows = [
+        (
+            "matmul GFLOP/s fp32 / bf16",
+            f"{result['matmul_gflops']['fp32']:.0f} / {result['matmul_gflops']['bf16']:.1f}",
+        ),
+        ("evaluation dtype (auto)", ev["fast_dtype"]),
+    ]
+    for name in ("perplexity", "comprehensive"):
+        e = ev[name]
+        rows.append(
+            (
+                f"eval_speedup_vs_reference ({name})",
+                f"{e['eval_speedup_vs_reference']:.2f}x  "
+                f"({e['fast_s_per_eval']:.2f} s per sub-model)",
+            )
+        )
+        rows.append((f"utility_rank_corr ({name})", f"{e['utility_rank_corr']:.3f}"))
+    rows.append(("gemm_utilisation (vs peak of eval dtype)", f"{result['gemm_utilisation']:.2f}"))
+    for name in ("30", "50"):
+        d, p = sl[f"decode_speedup_at_{name}"], sl[f"prefill_speedup_at_{name}"]
+        rows.append(
+            (f"decode_speedup_at_{name} (batch 1 / 8)", f"{d['batch1']:.2f}x / {d['batch8']:.2f}x")
+        )
+        rows.append(
+            (
+                f"prefill speed-up at {name}% (batch 1 / 8)",
+                f"{p['batch1']:.2f}x / {p['batch8']:.2f}x",
+            )
+        )
+        rows.append(
+            (
+                f"peak RSS, size on disk at {name}% (pruned/dense)",
+                f"{sl[f'peak_rss_ratio_at_{name}']:.2f}, {sl[f'size_on_disk_ratio_at_{name}']:.2f}",
+            )
+        )
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in pr["prune_phase_s"].items())
+    rows.append(("prune_wall_s (U†, 50%)", f"{pr['prune_wall_s']:.0f} s  ({phases})"))
+    rows.append(("prune_peak_rss_over_inference", f"{pr['prune_peak_rss_over_inference']:.2f}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _child(argv: list[str]) -> None:
+    """Entry point of the measuring child processes (their RSS is measured alone)."""
+    if argv[0] == "inference":
+        print(json.dumps(measure_inference(argv[1], int(argv[2]), "auto")))
+    elif argv[0] == "prune":
+        from .cli import main
+
+        out = Path(argv[argv.index("--out") + 1])
+        with open(os.devnull, "w") as sink:
+            saved, sys.stdout = sys.stdout, sink
+            try:
+                code = main(argv)
+            finally:
+                sys.stdout = saved
+        if code:
+            sys.exit(code)
+        print(json.dumps(json.loads((out / "report.json").read_text())))
+    else:
+        raise SystemExit(f"unknown benchmark child {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1:])

@@ -1,0 +1,218 @@
+"""What every baseline method shares: its result, its calibration batch, its scoring rule and
+the score-driven slicing that takes a model to the target sparsity.
+
+A method is ``(model, tokenizer, adapter, config, *, progress=True) -> MethodResult`` and
+prunes ``model`` in place, in Bonsai's units (query heads, MLP neurons), to the same
+non-embedding parameter budget (``config.sparsity`` of the model as handed in), with the same
+per-module floors, so that methods compare at equal size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from ..config import PruneConfig
+from ..data import load_gsm8k, load_problems
+from ..errors import PruningError
+from ..models.adapter import UnitLayout
+from ..pruner import (
+    calibration_problems,
+    check_reachable,
+    min_keep_per_module,
+    prunable_mask,
+    unit_prior,
+)
+from ..registry import Registry
+from ..selection import select_units
+from ..utility.base import CalibrationBatch, build_batch
+
+METHODS: Registry = Registry("method")
+
+MAX_PASSES = 100  # select-and-slice passes before giving up (each pass removes >= 1 unit)
+
+
+@dataclass
+class MethodResult:
+    """What one method run did: sizes, wall time and method-specific figures (JSON-safe)."""
+
+    params_before: int
+    params_after: int
+    sparsity: float  # 1 - params_after / params_before, non-embedding parameters
+    seconds: float
+    details: dict = field(default_factory=dict)
+    keep: torch.Tensor | None = None  # (U,) bool over the units of the model as handed in
+
+
+class Slicing(NamedTuple):
+    """What :func:`prune_to_target` removed."""
+
+    keep: torch.Tensor  # (U,) bool over the units of the model as handed in
+    n_passes: int  # select-and-slice passes it took
+
+
+def calibration_batch(model, tokenizer, config: PruneConfig) -> CalibrationBatch:
+    """The calibration problems Bonsai's first round would see, tokenised for teacher forcing."""
+    pool = load_problems(config.data) if config.data else load_gsm8k("train")
+    u = config.utility
+    return build_batch(
+        tokenizer,
+        calibration_problems(pool, config, 1),
+        prompt=u.prompt,
+        shots=u.shots,
+        max_length=u.max_length,
+        device=next(model.parameters()).device,
+    )
+
+
+def relative_importance(
+    statistic: torch.Tensor, unit_costs: torch.Tensor, module_index: torch.Tensor
+) -> torch.Tensor:
+    """Importance per parameter (U,) comparable across modules and unit kinds.
+
+    statistic (U,): a unit's raw importance (>= 0); unit_costs (U,): its parameters;
+    module_index (U,): its module. score = (stat / module mean stat) / (cost / module mean cost).
+
+    Why: a raw statistic is only comparable within its module. A head's sums head_dim
+    channels where a neuron's has one, and activation scales grow with depth, so ranking raw
+    values globally would empty whole kinds or layers for reasons of scale alone. Dividing by
+    the module mean keeps what the statistic knows (how a unit compares with its siblings) and
+    drops what it does not (how modules compare). To compare modules we assume, absent any
+    other knowledge, that a module's importance is proportional to its parameter count; then a
+    unit's importance is (stat / module sum) x module params, and per parameter it is the
+    score above. Walking this score up to a parameter budget is the greedy knapsack
+    (value / weight) that :func:`select_units` implements. It is scale-free (unlike a z-score,
+    a dead unit scores 0 in any module) and, within a module of equal costs, it orders units
+    exactly as the raw statistic does. A unit scoring 1 is as important per parameter as the
+    average unit of its module; modules whose statistic is spread out lose more units.
+    """
+    n_modules = int(module_index.max()) + 1 if module_index.numel() else 0
+    counts = torch.bincount(module_index, minlength=n_modules).double().clamp(min=1)  # (M,)
+
+    def module_mean(values: torch.Tensor) -> torch.Tensor:  # (U,) -> (U,)
+        sums = torch.zeros(n_modules, dtype=torch.float64).index_add_(
+            0, module_index, values.double()
+        )
+        return (sums / counts)[module_index]
+
+    stat, cost = statistic.double(), unit_costs.double()
+    tiny = torch.finfo(torch.float64).tiny  # an all-zero module scores 0, not NaN
+    return (stat / module_mean(stat).clamp(min=tiny)) / (cost / module_mean(cost))
+
+
+def prune_to_target(
+    model,
+    adapter,
+    config: PruneConfig,
+    score: torch.Tensor,
+    n_reference: int,
+    *,
+    allow_empty: bool | None = None,
+) -> Slicing:
+    """Slice the lowest-scored units until ``config.sparsity`` of ``n_reference`` is removed.
+
+    score (U,): per unit of the current model, higher = keep; +inf = never remove.
+    n_reference: the parameter count the target sparsity is measured against.
+    allow_empty: per-module floors (default: ``config.allow_empty_modules``).
+
+    A pass selects within the parameters still to remove and slices. Unit costs split a K/V
+    head evenly among its query heads, so a pass that leaves part of a group frees a little
+    less than it counted; the next pass, on the sliced model with fresh costs, removes the
+    rest. When nothing fits any more but the target is still more than ``tolerance`` away,
+    the lowest-scored removable unit goes as well: the target is overshot by under one unit.
+    """
+    allow_empty = config.allow_empty_modules if allow_empty is None else allow_empty
+    n_units = adapter.layout(model).n_units
+    alive = torch.arange(n_units)  # (U_now,) original index of each current unit
+    score = score.double().clone()
+    target_params = (1 - config.sparsity) * n_reference
+    n_passes = 0
+    while adapter.count_parameters(model) - target_params > config.tolerance * n_reference:
+        if n_passes == MAX_PASSES:
+            raise PruningError(f"the target was not reached within {MAX_PASSES} passes")
+        layout = adapter.layout(model)
+        floors = module_floors(adapter, layout, allow_empty)
+        remaining = adapter.count_parameters(model) - target_params
+        costs = adapter.unit_costs(model)
+        keep = select_units(score, costs, remaining, layout.module_index, floors).keep
+        if bool(keep.all()):
+            keep = _remove_one_more(score, layout, floors)
+        adapter.slice(model, keep)
+        alive, score = alive[keep], score[keep]
+        n_passes += 1
+    final_keep = torch.zeros(n_units, dtype=torch.bool)
+    final_keep[alive] = True
+    return Slicing(final_keep, n_passes)
+
+
+def module_floors(adapter, layout: UnitLayout, allow_empty: bool) -> torch.Tensor:
+    """LongTensor (M,): ``pruner.min_keep_per_module``, with the adapter's own word on which
+    kinds it can empty when ``allow_empty`` (no-op once the pruner passes ``allow_empty`` on)."""
+    floors = min_keep_per_module(adapter, layout, allow_empty)
+    if allow_empty:
+        can_empty = [adapter.min_units(m.kind, allow_empty=True) for m in layout.modules]
+        floors = torch.minimum(floors, torch.tensor(can_empty, dtype=floors.dtype))
+    return floors
+
+
+def _remove_one_more(score: torch.Tensor, layout: UnitLayout, floors: torch.Tensor) -> torch.Tensor:
+    """Keep mask (U,) without the lowest-scored unit whose module is above its floor."""
+    kept_per_module = torch.bincount(layout.module_index, minlength=len(floors))  # (M,)
+    above_floor = (kept_per_module > floors)[layout.module_index]  # (U,)
+    removable = above_floor & torch.isfinite(score)
+    if not bool(removable.any()):
+        raise PruningError(
+            "the target sparsity is unreachable with the units and floors allowed; lower "
+            "--sparsity, prune both unit kinds, or pass --allow-empty-modules"
+        )
+    unit = int(torch.where(removable, score, math.inf).argmin())
+    keep = torch.ones(layout.n_units, dtype=torch.bool)
+    keep[unit] = False
+    return keep
+
+
+def protect_unprunable(score: torch.Tensor, layout: UnitLayout, units: str) -> torch.Tensor:
+    """``score`` (U,) with +inf on units of kinds the user did not ask to prune."""
+    return torch.where(prunable_mask(layout, units), score.double(), math.inf)
+
+
+@torch.no_grad()
+def prior_scores(adapter, model, batch: CalibrationBatch, prior: str, seed: int) -> torch.Tensor:
+    """Relative importance (U,) from one of Bonsai's priors (one forward per problem)."""
+    statistic = unit_prior(adapter, model, batch, prior, torch.Generator().manual_seed(seed))
+    layout = adapter.layout(model)
+    return relative_importance(statistic, adapter.unit_costs(model), layout.module_index)
+
+
+def finish(
+    model, adapter, keep: torch.Tensor, n_before: int, started: float, **details
+) -> MethodResult:
+    """The MethodResult of a method that pruned ``model`` from ``n_before`` parameters."""
+    n_after = adapter.count_parameters(model)
+    layout = adapter.layout(model)
+    details["kept_per_module"] = {m.name: m.n_units for m in layout.modules}
+    return MethodResult(
+        params_before=n_before,
+        params_after=n_after,
+        sparsity=1 - n_after / n_before,
+        seconds=time.perf_counter() - started,
+        details=details,
+        keep=keep,
+    )
+
+
+def prune_by_score(
+    model, adapter, config: PruneConfig, score: torch.Tensor, started: float, **details
+) -> MethodResult:
+    """One-shot: protect unprunable kinds, slice to the target, report."""
+    n_before = adapter.count_parameters(model)
+    check_reachable(adapter, model, config, n_before)
+    score = protect_unprunable(score, adapter.layout(model), config.units)
+    slicing = prune_to_target(model, adapter, config, score, n_before)
+    return finish(
+        model, adapter, slicing.keep, n_before, started, n_passes=slicing.n_passes, **details
+    )

@@ -1,0 +1,196 @@
+"""FinerCut: greedy removal of whole attention and MLP sub-layers (Zhang et al. 2024,
+https://arxiv.org/abs/2405.18218), in Bonsai's units and parameter budget.
+
+Candidates are the attention sub-layers (all query heads of a layer) and the MLP sub-layers
+(all neurons of a layer) of the kinds ``config.units`` allows. Each step removes, virtually
+(``adapter.apply_masks`` with the removals so far plus the candidate), every remaining
+candidate in turn and measures how far the model's next-token distributions move on the
+calibration solution positions (``batch.target_mask``); the candidate that moves them least
+goes. As in the paper's code, the reference is the unpruned model's output, computed once,
+and the distance is the Jensen-Shannon divergence: symmetric and bounded by ln 2, so a
+sub-model whose logits are not finite simply scores +inf and is never chosen.
+
+Budget. The paper counts layers; here, as for every method, the budget is ``config.sparsity``
+of the non-embedding parameters. When the sub-layer the greedy picks next costs more than is
+left, it is thinned instead of removed: its units go by wanda score (measured on the model
+with the earlier removals sliced), lowest first, until the budget is spent. The greedy order
+is kept (the thinned sub-layer is the one FinerCut would have cut next) and the result lands
+on the same target as the other methods; the report names the thinned sub-layer.
+
+Whole sub-layers are this method's unit, so it empties modules whatever
+``config.allow_empty_modules`` says (an empty attention becomes the adapter's stand-in that
+adds nothing to the residual stream). Cost: one forward of the calibration batch per
+remaining candidate per step, about n_steps x n_sub-layers forwards, each with the LM head
+applied at the solution positions only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import PruneConfig
+from ..errors import PruningError
+from ..models.adapter import HEADS, NEURONS, ModuleUnits
+from ..utility.base import CalibrationBatch
+from .base import (
+    METHODS,
+    MethodResult,
+    calibration_batch,
+    finish,
+    prior_scores,
+    prune_to_target,
+)
+
+ROWS_PER_FORWARD = 8
+POSITIONS_PER_CHUNK = 256  # LM-head rows at a time: 256 x vocab floats per log-prob chunk
+
+
+class Removals(NamedTuple):
+    """What the greedy search decided, on the units of the model as handed in."""
+
+    keep: torch.Tensor  # (U,) bool: False for the units of every removed sub-layer
+    steps: list[dict]  # one {"module", "js", "params"} per removed sub-layer, in order
+    next_sublayer: ModuleUnits | None  # the greedy's next pick, too big for what is left
+
+
+def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence (n,) in nats between rows of log-probabilities (n, V)."""
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2)  # (n, V) log of the midpoint
+    kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)  # (n,)
+    kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+@torch.no_grad()
+def target_hidden(model, batch: CalibrationBatch) -> torch.Tensor:
+    """Final hidden states (n_target, H) at the positions that predict solution tokens."""
+    decoder = model.get_decoder()
+    hidden = []
+    for start in range(0, batch.input_ids.shape[0], ROWS_PER_FORWARD):
+        rows = slice(start, start + ROWS_PER_FORWARD)
+        out = decoder(
+            input_ids=batch.input_ids[rows],
+            attention_mask=batch.attention_mask[rows],
+            use_cache=False,
+        ).last_hidden_state  # (b, L, H)
+        hidden.append(out[batch.target_mask[rows]])
+    return torch.cat(hidden)
+
+
+@torch.no_grad()
+def log_prob_chunks(model, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Next-token log-probabilities (c, V), float32, for successive chunks of ``hidden``."""
+    head = model.get_output_embeddings()
+    for start in range(0, hidden.shape[0], POSITIONS_PER_CHUNK):
+        yield head(hidden[start : start + POSITIONS_PER_CHUNK]).float().log_softmax(-1)
+
+
+@torch.no_grad()
+def mean_divergence(
+    model, adapter, batch: CalibrationBatch, keep: torch.Tensor, reference: list[torch.Tensor]
+) -> float:
+    """Mean JS divergence from ``reference`` of the sub-model ``keep`` (U,); +inf if broken."""
+    with adapter.apply_masks(model, keep):
+        hidden = target_hidden(model, batch)
+    total = 0.0
+    for ref, log_q in zip(reference, log_prob_chunks(model, hidden), strict=True):
+        total += float(js_divergence(ref, log_q).sum())
+    value = total / max(hidden.shape[0], 1)
+    return value if math.isfinite(value) else math.inf
+
+
+def candidate_sublayers(adapter, modules, units: str) -> list[ModuleUnits]:
+    """Non-empty modules of the kinds ``units`` names that the adapter can empty."""
+    kinds = {"both": (HEADS, NEURONS), "heads": (HEADS,), "neurons": (NEURONS,)}[units]
+    return [
+        m
+        for m in modules
+        if m.kind in kinds and m.n_units > 0 and adapter.min_units(m.kind, allow_empty=True) == 0
+    ]
+
+
+def greedy_removals(
+    model, adapter, batch, config: PruneConfig, n_before: int, progress: bool
+) -> Removals:
+    """Virtually remove the least-divergent sub-layer, step by step, while it fits the budget.
+
+    ``next_sublayer`` is None when whole sub-layers spent the budget to within tolerance.
+    """
+    budget, slack = config.sparsity * n_before, config.tolerance * n_before
+    layout = adapter.layout(model)
+    costs = adapter.unit_costs(model)  # a whole module's units free exactly the module
+    reference = list(log_prob_chunks(model, target_hidden(model, batch)))
+    if not reference:
+        raise PruningError(
+            "the calibration batch has no solution tokens to compare; raise max_length"
+        )
+    candidates = candidate_sublayers(adapter, layout.modules, config.units)
+    if sum(float(costs[m.units].sum()) for m in candidates) < budget - slack:
+        raise PruningError(
+            f"target sparsity {config.sparsity} is unreachable by removing {config.units} "
+            "sub-layers; lower --sparsity or prune both unit kinds"
+        )
+    keep = torch.ones(layout.n_units, dtype=torch.bool)
+    removed, steps, thin = 0.0, [], None
+    bar = tqdm(desc="finercut", unit="sub-model", disable=not progress)
+    try:
+        while candidates and budget - removed > slack:
+            scored = []
+            for module in candidates:
+                trial = keep.clone()
+                trial[module.units] = False
+                scored.append((mean_divergence(model, adapter, batch, trial, reference), module))
+                bar.update(1)
+            divergence, best = min(scored, key=lambda pair: pair[0])  # ties: earliest module
+            cost = float(costs[best.units].sum())
+            if cost > budget - removed:
+                thin = best
+                break
+            keep[best.units] = False
+            removed += cost
+            candidates.remove(best)
+            steps.append({"module": best.name, "js": divergence, "params": int(cost)})
+    finally:
+        bar.close()
+    return Removals(keep, steps, thin)
+
+
+@METHODS.register("finercut")
+def finercut(
+    model, tokenizer, adapter, config: PruneConfig, *, progress: bool = True
+) -> MethodResult:
+    """Remove whole attention / MLP sub-layers by least output change, to ``config.sparsity``."""
+    started = time.perf_counter()
+    n_before = adapter.count_parameters(model)
+    batch = calibration_batch(model, tokenizer, config)
+    keep, steps, thin = greedy_removals(model, adapter, batch, config, n_before, progress)
+    adapter.slice(model, keep)
+    thinned = None
+    if thin is not None:
+        layout = adapter.layout(model)
+        module = next(m for m in layout.modules if (m.layer, m.kind) == (thin.layer, thin.kind))
+        wanda = prior_scores(adapter, model, batch, "wanda", config.seed)  # (U_now,)
+        score = torch.full_like(wanda, math.inf)
+        score[module.units] = wanda[module.units]
+        thin_keep = prune_to_target(model, adapter, config, score, n_before, allow_empty=True).keep
+        survivors = torch.nonzero(keep).flatten()  # original index of each current unit
+        keep = torch.zeros_like(keep)
+        keep[survivors[thin_keep]] = True
+        thinned = {"module": module.name, "units_removed": int((~thin_keep).sum())}
+    return finish(
+        model,
+        adapter,
+        keep,
+        n_before,
+        started,
+        removed_sublayers=steps,
+        thinned=thinned,
+        reference="unpruned model",
+        divergence="jensen-shannon (nats), mean over solution positions",
+    )

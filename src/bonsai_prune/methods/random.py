@@ -1,0 +1,28 @@
+"""Random structured pruning: the floor every informed method must beat.
+
+Every unit draws a uniform score from a generator seeded by ``config.seed``; the lowest scores
+go first until the parameter budget is spent. The raw draw is used, not the per-parameter
+score the other baselines use: a uniform draw is already on one scale for every module, and
+walking it up removes the same expected fraction of units from every module, heads and
+neurons alike, which is what "random" should mean at equal parameter budget.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..config import PruneConfig
+from .base import METHODS, MethodResult, prune_by_score
+
+
+@METHODS.register("random")
+def random_method(
+    model, tokenizer, adapter, config: PruneConfig, *, progress: bool = True
+) -> MethodResult:
+    """Remove uniformly random units (seeded) to ``config.sparsity``; needs no data."""
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    score = torch.rand(adapter.layout(model).n_units, generator=generator, dtype=torch.float64)
+    return prune_by_score(model, adapter, config, score, started, ranking="uniform draw")

@@ -1,0 +1,26 @@
+"""Wanda-style structured pruning: Bonsai's activation-weighted prior alone, no perturbation.
+
+A unit's statistic is mean |input activation| x weight-column norm at its output projection,
+summed over its channels (Bonsai's ``wanda`` prior; Sun et al. 2023,
+https://arxiv.org/abs/2306.11695, made structured), measured once on the calibration
+problems. Units are ranked by importance per parameter relative to their module (see
+:func:`bonsai_prune.methods.base.relative_importance`), then the least important go until the
+budget is spent. This is Bonsai with its perturbation and regression removed, in one shot:
+the gap between the two measures what the forward-only search adds to the prior.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..config import PruneConfig
+from .base import METHODS, MethodResult, calibration_batch, prior_scores, prune_by_score
+
+
+@METHODS.register("wanda")
+def wanda(model, tokenizer, adapter, config: PruneConfig, *, progress: bool = True) -> MethodResult:
+    """Remove the units with the smallest activation-weighted norm per parameter."""
+    started = time.perf_counter()
+    batch = calibration_batch(model, tokenizer, config)
+    score = prior_scores(adapter, model, batch, "wanda", config.seed)
+    return prune_by_score(model, adapter, config, score, started, ranking="relative wanda")

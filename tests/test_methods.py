@@ -1,0 +1,213 @@
+"""Baseline methods: the contract table over every registered method, their scoring rules, and
+the empty attention sub-layer FinerCut leaves behind (masked == sliced, KV cache, reload)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+from bonsai_prune import PruneConfig, UtilityConfig
+from bonsai_prune.methods import METHODS
+from bonsai_prune.methods.base import relative_importance
+from bonsai_prune.methods.finercut import js_divergence
+from bonsai_prune.models import HEADS, NEURONS, adapter_for
+from bonsai_prune.models.llama import EmptyAttention
+
+CONFIG = PruneConfig(
+    sparsity=0.3, calib_samples=2, tolerance=0.01, utility=UtilityConfig(max_length=192)
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.padding_side = "left"
+    return tok
+
+
+def tiny_model(tokenizer, seed: int = 0):
+    model = tiny_llama(seed)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
+
+
+def run_method(name: str, tokenizer, config: PruneConfig = CONFIG):
+    model = tiny_model(tokenizer)
+    adapter = adapter_for(model)
+    max_unit = float(adapter.unit_costs(model).max())
+    result = METHODS.get(name)(model, tokenizer, adapter, config, progress=False)
+    return model, result, max_unit
+
+
+@pytest.fixture(scope="module")
+def results(tokenizer):
+    return {name: run_method(name, tokenizer) for name in METHODS.names()}
+
+
+# ---- the contract: every registered method ---------------------------------------------------
+
+
+def test_the_baselines_are_registered():
+    assert {"random", "magnitude", "wanda", "finercut"} <= set(METHODS.names())
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_method_reaches_the_target_and_leaves_a_working_model(name, results):
+    model, result, max_unit = results[name]
+    adapter = adapter_for(model)
+    assert result.params_before - result.params_after == pytest.approx(
+        result.sparsity * result.params_before
+    )
+    assert result.params_after == adapter.count_parameters(model)
+    assert result.sparsity >= CONFIG.sparsity - CONFIG.tolerance
+    assert result.sparsity <= CONFIG.sparsity + max_unit / result.params_before  # < 1 unit over
+    assert int(result.keep.sum()) == adapter.layout(model).n_units
+    with torch.no_grad():
+        logits = model(torch.randint(3, 1000, (2, 9))).logits
+    assert bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_same_seed_gives_the_same_keep(name, results, tokenizer):
+    _, again, _ = run_method(name, tokenizer)
+    assert torch.equal(results[name][1].keep, again.keep)
+
+
+def test_a_different_seed_draws_a_different_random_keep(results, tokenizer):
+    config = PruneConfig(**{**CONFIG.to_dict(), "seed": 1})
+    _, other, _ = run_method("random", tokenizer, config)
+    assert not torch.equal(results["random"][1].keep, other.keep)
+
+
+@pytest.mark.parametrize("name", ["random", "wanda"])
+def test_units_heads_leaves_every_neuron(name, tokenizer):
+    config = PruneConfig(**{**CONFIG.to_dict(), "sparsity": 0.15, "units": "heads"})
+    model, result, _ = run_method(name, tokenizer, config)
+    kept = result.details["kept_per_module"]
+    assert kept["layer0.neurons"] == kept["layer1.neurons"] == 96
+    assert result.sparsity >= config.sparsity - config.tolerance
+
+
+def test_finercut_removes_whole_sublayers(results):
+    model, result, _ = results["finercut"]
+    emptied = [name for name, n in result.details["kept_per_module"].items() if n == 0]
+    assert emptied and [s["module"] for s in result.details["removed_sublayers"]] == emptied
+    assert all(0 <= s["js"] <= math.log(2) for s in result.details["removed_sublayers"])
+
+
+# ---- scoring rules: pure functions -----------------------------------------------------------
+
+
+def test_relative_importance_is_per_module_and_per_parameter():
+    # module 0: two heads of cost 10 with stats 1 and 3; module 1: neurons of cost 1, stats x100
+    stat = torch.tensor([1.0, 3.0, 100.0, 300.0, 0.0])
+    costs = torch.tensor([10.0, 10.0, 1.0, 1.0, 1.0])
+    module = torch.tensor([0, 0, 1, 1, 1])
+    score = relative_importance(stat, costs, module)
+    # the raw scale of a module does not matter, only a unit's standing within it
+    torch.testing.assert_close(score[:2], torch.tensor([0.5, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(score[2:], torch.tensor([0.75, 2.25, 0.0], dtype=torch.float64))
+    # a costlier unit of the same module is worth less per parameter
+    uneven = relative_importance(torch.ones(2), torch.tensor([1.0, 3.0]), torch.zeros(2).long())
+    assert uneven[0] > uneven[1]
+    # an all-zero module scores 0, not NaN
+    assert relative_importance(torch.zeros(2), torch.ones(2), torch.zeros(2).long()).eq(0).all()
+
+
+def test_js_divergence_is_symmetric_bounded_and_zero_on_equal_rows():
+    p = torch.randn(5, 11).log_softmax(-1)
+    q = torch.randn(5, 11).log_softmax(-1)
+    torch.testing.assert_close(js_divergence(p, p), torch.zeros(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(js_divergence(p, q), js_divergence(q, p))
+    disjoint = torch.tensor([[0.0, -1e4], [-1e4, 0.0]])
+    torch.testing.assert_close(
+        js_divergence(disjoint[:1], disjoint[1:]), torch.tensor([math.log(2)])
+    )
+
+
+# ---- an attention sub-layer with no query head -----------------------------------------------
+
+
+def _without_layer0_attention(model):
+    adapter = adapter_for(model)
+    keep = torch.ones(adapter.layout(model).n_units, dtype=torch.bool)
+    keep[adapter.layout(model).modules[0].units] = False  # layer 0: every query head
+    keep[10:30] = False  # and some neurons of layer 0
+    return adapter, keep
+
+
+def test_heads_can_be_emptied_only_when_asked():
+    adapter = adapter_for(tiny_llama())
+    assert adapter.min_units(HEADS) == 1 and adapter.min_units(HEADS, allow_empty=True) == 0
+    assert adapter.min_units(NEURONS) == 0
+
+
+def test_empty_attention_gives_the_masked_logits_and_generation(tokenizer):
+    model = tiny_model(tokenizer)
+    adapter, keep = _without_layer0_attention(model)
+    ids = tokenizer(
+        ["Natalia sold clips", "to 48 of her friends in April"], return_tensors="pt", padding=True
+    )
+    kwargs = {
+        "max_new_tokens": 6,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "return_dict_in_generate": True,
+        "output_logits": True,
+    }
+    with torch.no_grad():
+        with adapter.apply_masks(model, keep):
+            masked = model(**ids).logits
+            masked_gen = model.generate(**ids, **kwargs)
+        before = adapter.count_parameters(model)
+        costs = adapter.unit_costs(model)
+        adapter.slice(model, keep)
+        sliced = model(**ids).logits
+        sliced_gen = model.generate(**ids, **kwargs)
+    assert isinstance(model.model.layers[0].self_attn, EmptyAttention)
+    assert adapter.layout(model).modules[0].n_units == 0
+    assert adapter.unit_costs(model).shape == (adapter.layout(model).n_units,)
+    assert before - adapter.count_parameters(model) == pytest.approx(float(costs[~keep].sum()))
+    torch.testing.assert_close(sliced, masked, atol=1e-5, rtol=1e-5)
+    assert torch.equal(sliced_gen.sequences, masked_gen.sequences)
+    for step_sliced, step_masked in zip(sliced_gen.logits, masked_gen.logits, strict=True):
+        torch.testing.assert_close(step_sliced, step_masked, atol=1e-4, rtol=1e-4)
+
+
+def test_empty_attention_keeps_the_cache_length_for_positions():
+    """Token-by-token decoding with the cache equals one full forward (positions stay right)."""
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    adapter, keep = _without_layer0_attention(model)
+    adapter.slice(model, keep)
+    ids = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        for t in range(5, 12):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert cache.get_seq_length() == 12
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_attention_survives_save_and_reload(tmp_path, tokenizer):
+    from bonsai_prune.io import load_pruned, save_model
+
+    model = tiny_model(tokenizer)
+    adapter, keep = _without_layer0_attention(model)
+    adapter.slice(model, keep)
+    save_model(tmp_path, model, tokenizer, adapter.structure(model))
+    reloaded, _ = load_pruned(tmp_path)
+    assert isinstance(reloaded.model.layers[0].self_attn, EmptyAttention)
+    assert adapter.structure(reloaded) == adapter.structure(model)
+    assert adapter.count_parameters(reloaded) == adapter.count_parameters(model)
+    ids = torch.randint(3, 1000, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
