@@ -228,7 +228,7 @@ def reference_nll(
                 max_length=max_length,
                 device=model.device,
             )
-            chunk = solution_nll(model, batch, rows_per_chunk=_NLL_ROWS).float().cpu()  # (b,)
+            chunk = solution_nll(model, batch).float().cpu()  # (b,)
             scored = batch.target_mask.sum(1).cpu() > 0  # (b,)
             nll[rows] = torch.where(scored, chunk, torch.tensor(math.nan))
             bar.update(len(rows))

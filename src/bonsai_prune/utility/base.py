@@ -90,18 +90,25 @@ class Utility(Protocol):
 
 
 @torch.no_grad()
-def solution_nll(model, batch: CalibrationBatch, rows_per_chunk: int = 8) -> torch.Tensor:
+def solution_nll(model, batch: CalibrationBatch, rows_per_chunk: int | None = None) -> torch.Tensor:
     """Mean negative log-likelihood of the reference solution tokens, per problem (n,).
 
     Runs the decoder once and applies the LM head only at the scored positions: the
     full-vocabulary projection at every position would be about a fifth of the work, wasted.
+    Each chunk is cut to its longest row. On a CPU (default ``rows_per_chunk`` 1) every row
+    runs alone and no padding is computed at all: a third of a padded GSM8K batch is padding,
+    and a 250-token row already fills the matrix units; accelerators get chunks of 8.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
+    if rows_per_chunk is None:
+        rows_per_chunk = 1 if batch.input_ids.device.type == "cpu" else 8
     nll = []
     for start in range(0, batch.input_ids.shape[0], rows_per_chunk):
-        ids = batch.input_ids[start : start + rows_per_chunk]
         attn = batch.attention_mask[start : start + rows_per_chunk]
-        target = batch.target_mask[start : start + rows_per_chunk]
+        width = int(attn.sum(1).max())  # right padding: columns past the longest row are pad
+        attn = attn[:, :width]
+        ids = batch.input_ids[start : start + rows_per_chunk, :width]
+        target = batch.target_mask[start : start + rows_per_chunk, :width]
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state  # (b, L, H)
         logits = head(hidden[target]).float()  # (n_scored, V)
         labels = torch.roll(ids, shifts=-1, dims=1)[target]  # (n_scored,)

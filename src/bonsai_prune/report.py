@@ -1,0 +1,332 @@
+"""The experiment report: ``OUT/report.md`` and PNG plots, rebuilt from the cell cache alone.
+
+Every figure is read from ``OUT/cells/*/`` (eval/summary.json, run/report.json), never from
+memory, so ``write_report(load_grid(path))`` rebuilds the report after any run, partial or
+complete. Cells not run yet or failed appear as such rather than vanishing from the tables.
+Plots are drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas, no pyplot state).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+from . import io
+from .experiments import (
+    DENSE_LABEL,
+    MAIN_GROUP,
+    Cell,
+    CellRecord,
+    ExperimentResult,
+    Grid,
+    read_cell,
+)
+from .utility.weights import format_weights
+
+PLOT_DPI = 120
+# One table column per figure: (header, value of a done record, format of a number).
+COLUMNS: tuple[tuple[str, Callable[[CellRecord], float | None], str], ...] = (
+    ("strict acc. %", lambda r: _scaled(r.summary.get("accuracy_strict"), 100), ".1f"),
+    ("contains acc. %", lambda r: _scaled(r.summary.get("accuracy_contains"), 100), ".1f"),
+    ("U†", lambda r: r.summary.get("u_dagger"), ".1f"),
+    ("ref. ppl", lambda r: r.summary.get("reference_perplexity"), ".2f"),
+    ("non-emb. params (M)", lambda r: _scaled(r.summary.get("non_embedding_params"), 1e-6), ".1f"),
+    ("decode tok/s", lambda r: r.summary.get("decode_tokens_per_s"), ".1f"),
+    ("prune s", lambda r: (r.prune_report or {}).get("wall_s"), ".0f"),
+)
+CI_COLUMNS = {"strict acc. %": ("accuracy_strict_ci", 100), "U†": ("u_dagger_ci", 1)}
+
+
+def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = None) -> Path:
+    """Write report.md and the plots into ``out_dir`` (default: the grid's ``out``); return the
+    report's path. ``source``: a finished ``run_experiment`` result, or a grid from ``load_grid``."""
+    grid = source.grid if isinstance(source, ExperimentResult) else source
+    out = Path(out_dir) if out_dir is not None else grid.out
+    out.mkdir(parents=True, exist_ok=True)
+    records = {key: read_cell(grid, key) for key in {c.key for c in grid.cells} | {grid.dense_key}}
+    dense = records[grid.dense_key]
+    lines = _header(grid, records, source)
+    main = [c for c in grid.cells if c.group == MAIN_GROUP]
+    plots = _plot_main(out, main, records, dense)
+    for group in dict.fromkeys([MAIN_GROUP, *(c.group for c in grid.cells)]):
+        cells = [c for c in grid.cells if c.group == group]
+        if not cells:
+            continue
+        lines += [
+            "",
+            f"## {'Main results' if group == MAIN_GROUP else group[:1].upper() + group[1:]}",
+        ]
+        if group == MAIN_GROUP:
+            lines += ["", *(f"![{name}]({name})" for name in plots if "_vs_" in name)]
+        for sparsity in sorted({c.prune_config.sparsity for c in cells}):
+            at = [c for c in cells if c.prune_config.sparsity == sparsity]
+            lines += ["", f"### Sparsity {sparsity:g}", "", *_table(at, records, dense)]
+    layer_plots = [name for name in plots if name.startswith("layers_")]
+    if layer_plots:
+        lines += ["", "## Kept units per layer (main methods, first seed)", ""]
+        lines += [f"![{name}]({name})" for name in layer_plots]
+    lines += _failures(grid, records)
+    lines += ["", "## Grid file", "", f"`{grid.path}`:", "", "```yaml", grid.text.rstrip(), "```"]
+    lines += ["", "## Library versions", "", *_versions(records)]
+    path = out / "report.md"
+    io.atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+# ---- text --------------------------------------------------------------------------------------
+
+
+def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
+    e = grid.eval_config
+    n = (records[grid.dense_key].summary or {}).get("n")
+    n = n if n is not None else next((r.summary["n"] for r in records.values() if r.summary), "?")
+    runs = [records[c.key] for c in grid.unique_cells()]
+    done = sum(r.done for r in runs)
+    failed = sum(r.error is not None and not r.done for r in runs)
+    prune_s = sum((r.prune_report or {}).get("wall_s", 0.0) for r in runs if r.pruned)
+    eval_s = sum(r.summary.get("wall_s", 0.0) for r in records.values() if r.summary)
+    lines = [
+        "# Experiment report",
+        "",
+        f"Command: `bonsai-prune experiment {grid.path}`",
+        "",
+        f"- Model: `{e.model}` ({e.dtype}, {e.device}).",
+        f"- Evaluation: the first {n} problems of GSM8K {e.split} (n = {n}), greedy, "
+        f"{e.max_new_tokens} new tokens, {e.prompt} prompt, {e.shots}-shot; U† weights "
+        f"{format_weights(e.weights)}; 95% percentile-bootstrap CIs ({e.n_bootstrap} resamples).",
+        f"- Cells: {len(runs)} runs + dense; {done} done, {failed} failed, "
+        f"{len(runs) - done - failed} not run yet.",
+        f"- Wall time in the cache: {_hours(prune_s + eval_s)} "
+        f"(pruning {_hours(prune_s)}, evaluation {_hours(eval_s)})"
+        + (
+            f"; this invocation {_hours(source.wall_s)}."
+            if isinstance(source, ExperimentResult)
+            else "."
+        ),
+        "",
+        "Rows with several seeds give mean ± sample standard deviation over seeds, then each seed. "
+        "Parameters exclude the embeddings and the tied LM head; the sparsity column is the one "
+        "reached. `prune s` is the wall time of the prune call (after a resume, its last part).",
+    ]
+    return lines
+
+
+def _table(cells: list[Cell], records: dict[str, CellRecord], dense: CellRecord) -> list[str]:
+    headers = ["method", "seed", *(h for h, _, _ in COLUMNS), "sparsity %"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines.append(_row(DENSE_LABEL, "–", dense))
+    for label in dict.fromkeys(c.label for c in cells):
+        series = sorted((c for c in cells if c.label == label), key=lambda c: c.prune_config.seed)
+        if len(series) > 1:
+            lines.append(_mean_row(label, [records[c.key] for c in series]))
+        for c in series:
+            lines.append(_row(label, str(c.prune_config.seed), records[c.key]))
+    return lines
+
+
+def _row(label: str, seed: str, record: CellRecord) -> str:
+    if not record.done:
+        state = f"failed: {_short(record.error)}" if record.error else "not run yet"
+        return "| " + " | ".join([label, seed, state, *[""] * len(COLUMNS)]) + " |"
+    cells = []
+    for header, value, fmt in COLUMNS:
+        text = _fmt(value(record), fmt)
+        if header in CI_COLUMNS:
+            key, scale = CI_COLUMNS[header]
+            ci = record.summary.get(key)
+            text += f" [{_fmt(scale * ci[0], fmt)}, {_fmt(scale * ci[1], fmt)}]" if ci else ""
+        cells.append(text)
+    reached = 0.0 if record.dense else (record.prune_report or {}).get("sparsity")
+    sparsity = _scaled(reached, 100)
+    return "| " + " | ".join([label, seed, *cells, _fmt(sparsity, ".1f")]) + " |"
+
+
+def _mean_row(label: str, records: list[CellRecord]) -> str:
+    done = [r for r in records if r.done]
+    cells = [_spread([value(r) for r in done], fmt) for _, value, fmt in COLUMNS]
+    sparsity = _spread([_scaled(r.prune_report.get("sparsity"), 100) for r in done], ".1f")
+    seeds = f"mean of {len(done)}" + (f"/{len(records)}" if len(done) < len(records) else "")
+    return "| " + " | ".join([f"**{label}**", seeds, *cells, sparsity]) + " |"
+
+
+def _spread(values: list[float | None], fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return _fmt(mean, fmt)
+    return f"{_fmt(mean, fmt)} ± {_fmt(statistics.stdev(values), fmt)}"
+
+
+def _failures(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
+    failed = [c for c in grid.unique_cells() if records[c.key].error and not records[c.key].done]
+    if records[grid.dense_key].error and not records[grid.dense_key].done:
+        failed.insert(0, None)
+    lines = ["", "## Failed cells", ""] if failed else []
+    for c in failed:
+        key = grid.dense_key if c is None else c.key
+        what = (
+            DENSE_LABEL
+            if c is None
+            else f"{c.label}, sparsity {c.prune_config.sparsity:g}, seed {c.prune_config.seed}"
+        )
+        lines.append(f"- {what} (`cells/{key}`): {records[key].error}")
+    return lines
+
+
+def _versions(records: dict[str, CellRecord]) -> list[str]:
+    """The versions the runs recorded (each distinct set once), else those of this process."""
+    from .api import library_versions
+
+    recorded = {
+        tuple(sorted(r.prune_report["versions"].items()))
+        for r in records.values()
+        if r.prune_report and r.prune_report.get("versions")
+    }
+    sets = sorted(recorded) or [tuple(sorted(library_versions().items()))]
+    lines = []
+    for number, versions in enumerate(sets, start=1):
+        if len(sets) > 1:
+            lines.append(f"Set {number} of {len(sets)} recorded by the runs:")
+        lines += ["```", *(f"{name} {version}" for name, version in versions), "```"]
+    return lines
+
+
+def _scaled(value: float | None, scale: float) -> float | None:
+    return None if value is None else scale * value
+
+
+def _fmt(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def _short(text: str, limit: int = 90) -> str:
+    text = " ".join(text.split()).replace("|", "/")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+# ---- plots -------------------------------------------------------------------------------------
+
+
+def _plot_main(
+    out: Path, cells: list[Cell], records: dict[str, CellRecord], dense: CellRecord
+) -> list[str]:
+    """The main group's plots; returns the names of the files written."""
+    series = _series(cells, records)
+    if not series:
+        return []
+    written = []
+    for name, key, scale, ylabel in (
+        ("accuracy_vs_sparsity.png", "accuracy_strict", 100, "GSM8K strict accuracy (%)"),
+        ("udagger_vs_sparsity.png", "u_dagger", 1, "U† (0-100)"),
+        ("perplexity_vs_sparsity.png", "reference_perplexity", 1, "reference perplexity (log)"),
+    ):
+        _metric_plot(out / name, series, dense, key, scale, ylabel)
+        written.append(name)
+    for sparsity in sorted({s for points in series.values() for s in points}):
+        name = f"layers_{sparsity:g}.png"
+        if _layers_plot(out / name, series, dense, sparsity):
+            written.append(name)
+    return written
+
+
+def _series(cells: list[Cell], records) -> dict[str, dict[float, list[CellRecord]]]:
+    """label -> sparsity -> the done records of its seeds (seed order)."""
+    series: dict[str, dict[float, list[CellRecord]]] = {}
+    for c in sorted(cells, key=lambda c: c.prune_config.seed):
+        if records[c.key].done:
+            points = series.setdefault(c.label, {})
+            points.setdefault(c.prune_config.sparsity, []).append(records[c.key])
+    return series
+
+
+def _metric_plot(
+    path: Path, series, dense: CellRecord, key: str, scale: float, ylabel: str
+) -> None:
+    """One line per method: the mean over seeds; error bars span the seeds' 95% CIs (their
+    union), or ± the standard deviation over seeds for a metric without a CI."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    offsets = _offsets(len(series))
+    for (label, points), offset in zip(series.items(), offsets, strict=True):
+        xs, ys, low, high = [], [], [], []
+        for sparsity in sorted(points):
+            values = [
+                r.summary[key] * scale for r in points[sparsity] if r.summary.get(key) is not None
+            ]
+            if not values:
+                continue
+            mean = statistics.fmean(values)
+            cis = [r.summary.get(f"{key}_ci") for r in points[sparsity]]
+            if all(cis):
+                lo, hi = min(c[0] for c in cis) * scale, max(c[1] for c in cis) * scale
+            else:
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                lo, hi = mean - sd, mean + sd
+            xs.append(sparsity + offset)
+            ys.append(mean)
+            low.append(max(mean - lo, 0.0))
+            high.append(max(hi - mean, 0.0))
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+    if dense.done and dense.summary.get(key) is not None:
+        ax.axhline(dense.summary[key] * scale, color="black", linestyle="--", label=DENSE_LABEL)
+        ci = dense.summary.get(f"{key}_ci")
+        if ci:
+            ax.axhspan(ci[0] * scale, ci[1] * scale, color="black", alpha=0.08)
+    if key == "reference_perplexity":
+        ax.set_yscale("log")
+    ax.set_xlabel("target sparsity (non-embedding parameters removed)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def _layers_plot(path: Path, series, dense: CellRecord, sparsity: float) -> bool:
+    """FinerCut-style: kept query heads and kept MLP neurons per layer, one line per method."""
+    from matplotlib.figure import Figure
+
+    lines = {
+        label: points[sparsity][0].structure["layers"]
+        for label, points in series.items()
+        if sparsity in points and points[sparsity][0].structure
+    }
+    if not lines:
+        return False
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    heads_ax, neurons_ax = fig.subplots(1, 2)
+    if dense.structure:
+        lines = {DENSE_LABEL: dense.structure["layers"], **lines}
+    for label, layers in lines.items():
+        style = {"color": "black", "linestyle": "--"} if label == DENSE_LABEL else {"marker": "."}
+        heads_ax.plot([layer["query_heads"] for layer in layers], label=label, **style)
+        neurons_ax.plot([layer["intermediate_size"] for layer in layers], label=label, **style)
+    heads_ax.set_ylabel("kept query heads")
+    neurons_ax.set_ylabel("kept MLP neurons")
+    for ax in (heads_ax, neurons_ax):
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    neurons_ax.legend(fontsize="small")
+    fig.suptitle(f"kept units per layer at sparsity {sparsity:g}")
+    _save(fig, path)
+    return True
+
+
+def _offsets(n: int, step: float = 0.004) -> list[float]:
+    """Small x shifts so the error bars of methods at one sparsity do not hide each other."""
+    return [(i - (n - 1) / 2) * step for i in range(n)]
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=PLOT_DPI, format="png")
+    os.replace(tmp, path)
