@@ -37,7 +37,6 @@ DEVICES = ("cpu", "cuda")
 CI_LEVEL = 0.95
 CI_METRICS = ("accuracy_strict", "accuracy_contains", "u_dagger")
 MEAN_METRICS = ("accuracy_strict", "accuracy_contains", "lexical", "semantic", "u_dagger")
-_NLL_ROWS = 4  # rows per teacher-forced forward: keeps the (tokens, vocab) logits near 100 MB
 
 
 @dataclass(frozen=True)
