@@ -167,6 +167,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the figures as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=_cmd_bench)
+
+    p = commands.add_parser(
+        "experiment", help="prune and evaluate a grid of cells (cached), then report"
+    )
+    p.add_argument("grid", help="grid YAML file, e.g. results/grid.yaml")
+    p.add_argument("--report-only", action="store_true", help="rebuild report.md from the cache")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only cells matching a label, group or key",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(run=_cmd_experiment)
     return parser
 
 
@@ -290,6 +304,18 @@ def _cmd_bench(args) -> int:
         atomic_write_json(Path(args.out), result)
     print(format_table(result))
     return 0
+
+
+def _cmd_experiment(args) -> int:
+    from .experiments import load_grid, run_experiment
+    from .report import write_report
+
+    if args.report_only:
+        print(f"report: {write_report(load_grid(args.grid))}")
+        return 0
+    result = run_experiment(args.grid, progress=not args.quiet, only=args.only)
+    print(f"report: {result.report_path} ({result.n_failed} failed cells)")
+    return 1 if result.n_failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -119,6 +119,8 @@ class CellOutcome:
 
 @dataclass
 class ExperimentResult:
+    """What one ``run_experiment`` call did; the figures themselves stay in the cache."""
+
     grid: Grid
     outcomes: list[CellOutcome]  # the dense evaluation first
     wall_s: float
@@ -168,11 +170,14 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
     for index, entry in enumerate(entries):
         cells.extend(_expand(entry, index, base, eval_config))
     _check_duplicates(cells)
+    out = data.get("out") or "results"
+    if not isinstance(out, str):
+        raise ConfigError(f"grid file: 'out' must be a directory path, got {out!r}")
     dense = {key: getattr(base, key) for key in EVAL_FROM_BASE} | {"eval": eval_config.to_dict()}
     return Grid(
         path=path,
         text=text,
-        out=Path(data.get("out") or "results"),
+        out=Path(out),
         eval_config=eval_config,
         dense_key=f"{DENSE_LABEL}-{_digest(dense)}",
         cells=tuple(cells),
@@ -220,6 +225,8 @@ def _expand(entry, index: int, base: PruneConfig, eval_config: EvalConfig) -> li
     name = entry.get("name") if isinstance(entry, dict) else None
     where = f"cells[{index}]" + (f" ({name})" if name else "")
     _check_keys(entry, (*CELL_KEYS, *PRUNE_KEYS), where)
+    if "model" in entry:
+        raise ConfigError(f"{where}: 'model' is set once, in base (every cell is compared with it)")
     _check_keys(entry.get("utility", {}), UTILITY_KEYS, f"{where} utility")
     sparsities = _values(entry, "sparsities", "sparsity", base.sparsity, where)
     seeds = _values(entry, "seeds", "seed", base.seed, where)
@@ -293,6 +300,7 @@ def _check_duplicates(cells: list[Cell]) -> None:
 
 
 def cell_dir(grid: Grid, key: str) -> Path:
+    """``OUT/cells/<key>``: where one cell (or the dense evaluation) is cached."""
     return grid.out / "cells" / key
 
 

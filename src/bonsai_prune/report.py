@@ -28,15 +28,18 @@ from .utility.weights import format_weights
 PLOT_DPI = 120
 # One table column per figure: (header, value of a done record, format of a number).
 COLUMNS: tuple[tuple[str, Callable[[CellRecord], float | None], str], ...] = (
-    ("strict acc. %", lambda r: _scaled(r.summary.get("accuracy_strict"), 100), ".1f"),
+    ("strict acc. % [95% CI]", lambda r: _scaled(r.summary.get("accuracy_strict"), 100), ".1f"),
     ("contains acc. %", lambda r: _scaled(r.summary.get("accuracy_contains"), 100), ".1f"),
-    ("U†", lambda r: r.summary.get("u_dagger"), ".1f"),
+    ("U† [95% CI]", lambda r: r.summary.get("u_dagger"), ".1f"),
     ("ref. ppl", lambda r: r.summary.get("reference_perplexity"), ".2f"),
     ("non-emb. params (M)", lambda r: _scaled(r.summary.get("non_embedding_params"), 1e-6), ".1f"),
     ("decode tok/s", lambda r: r.summary.get("decode_tokens_per_s"), ".1f"),
     ("prune s", lambda r: (r.prune_report or {}).get("wall_s"), ".0f"),
 )
-CI_COLUMNS = {"strict acc. %": ("accuracy_strict_ci", 100), "U†": ("u_dagger_ci", 1)}
+CI_COLUMNS = {
+    "strict acc. % [95% CI]": ("accuracy_strict_ci", 100),
+    "U† [95% CI]": ("u_dagger_ci", 1),
+}
 
 
 def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = None) -> Path:
@@ -284,6 +287,8 @@ def _metric_plot(
             ax.axhspan(ci[0] * scale, ci[1] * scale, color="black", alpha=0.08)
     if key == "reference_perplexity":
         ax.set_yscale("log")
+    else:  # accuracy and U† start at 0 (and an all-zero plot gets a readable scale)
+        ax.set_ylim(0, max(ax.get_ylim()[1], 1.0))
     ax.set_xlabel("target sparsity (non-embedding parameters removed)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -294,6 +299,7 @@ def _metric_plot(
 def _layers_plot(path: Path, series, dense: CellRecord, sparsity: float) -> bool:
     """FinerCut-style: kept query heads and kept MLP neurons per layer, one line per method."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     lines = {
         label: points[sparsity][0].structure["layers"]
@@ -313,6 +319,8 @@ def _layers_plot(path: Path, series, dense: CellRecord, sparsity: float) -> bool
     heads_ax.set_ylabel("kept query heads")
     neurons_ax.set_ylabel("kept MLP neurons")
     for ax in (heads_ax, neurons_ax):
+        ax.set_ylim(bottom=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("layer")
         ax.grid(alpha=0.3)
     neurons_ax.legend(fontsize="small")

@@ -1,0 +1,284 @@
+"""Experiment grids: parsing and validation, cell keys, and a cached run on a tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_llama
+
+from bonsai_prune import experiments
+from bonsai_prune.errors import ConfigError
+from bonsai_prune.experiments import (
+    CELL_KEYS,
+    PRUNE_KEYS,
+    UTILITY_KEYS,
+    load_grid,
+    parse_grid,
+    run_experiment,
+)
+from bonsai_prune.report import write_report
+
+EVAL = {"limit": 2, "max_new_tokens": 4, "batch_size": 2, "n_bootstrap": 50}
+BASE = {"masks_per_round": 4, "calib_samples": 2, "tolerance": 0.01}
+
+
+def grid(*cells, **top):
+    return {"eval": EVAL, "base": BASE, "cells": list(cells), **top}
+
+
+# ---- parsing and validation --------------------------------------------------------------------
+
+BAD_GRIDS = {
+    "unknown cell key": (
+        grid({"method": "wanda", "sparsities": [0.2]}, {"name": "typo", "sparsty": 0.3}),
+        "cells[1] (typo): unknown key 'sparsty'; known: " + ", ".join((*CELL_KEYS, *PRUNE_KEYS)),
+    ),
+    "unknown utility key": (
+        grid({"method": "bonsai", "utility": {"nmae": "comprehensive"}}),
+        "cells[0] utility: unknown key 'nmae'; known: " + ", ".join(UTILITY_KEYS),
+    ),
+    "bad sparsity": (
+        grid({"method": "wanda", "sparsities": [0.2, 1.5]}),
+        "cells[0]: sparsity must be in (0, 1), got 1.5; e.g. --sparsity 0.5",
+    ),
+    "unknown method": (
+        grid({"name": "w", "method": "wandda"}),
+        "cells[0] (w): unknown method 'wandda'; choose one of: "
+        "bonsai, finercut, magnitude, random, wanda",
+    ),
+    "unknown utility": (
+        grid({"method": "bonsai", "utility": {"name": "perplexty"}}),
+        "cells[0]: unknown utility 'perplexty'; choose one of: comprehensive, perplexity",
+    ),
+    "weights": (
+        grid({"method": "bonsai", "utility": {"name": "comprehensive", "weights": {"acc": 90}}}),
+        "cells[0]: U† weights must sum to 100, got acc=90 (90); e.g. --weights acc=50,lex=25,sem=25",
+    ),
+    "sparsity twice": (
+        grid({"method": "wanda", "sparsity": 0.2, "sparsities": [0.3]}),
+        "cells[0]: give 'sparsity' or 'sparsities', not both",
+    ),
+    "seeds not a list": (
+        grid({"method": "random", "seeds": 3}),
+        "cells[0]: 'seeds' must be a non-empty list, got 3",
+    ),
+    "top-level key": (
+        {**grid({"method": "wanda"}), "cell": []},
+        "grid file: unknown key 'cell'; known: out, eval, base, cells",
+    ),
+    "eval names the model": (
+        {**grid({"method": "wanda"}), "eval": {"model": "x"}},
+        "eval: 'model' is taken from base (the pruned model is evaluated)",
+    ),
+    "bad eval value": (
+        {**grid({"method": "wanda"}), "eval": {"limit": 0}},
+        "eval: limit must be an integer >= 1 or None for the whole split, got 0",
+    ),
+    "unknown base key": (
+        {**grid({"method": "wanda"}), "base": {"mask_per_round": 4}},
+        "base: unknown key 'mask_per_round'; known: " + ", ".join(PRUNE_KEYS),
+    ),
+    "model in a cell": (
+        grid({"method": "wanda", "model": "other"}),
+        "cells[0]: 'model' is set once, in base (every cell is compared with it)",
+    ),
+    "out not a path": (
+        {**grid({"method": "wanda"}), "out": ["a"]},
+        "grid file: 'out' must be a directory path, got ['a']",
+    ),
+    "no cells": ({**grid(), "cells": []}, "grid file: 'cells' must be a non-empty list of cells"),
+    "same run twice": (
+        grid({"method": "wanda", "name": "a"}, {"method": "wanda", "name": "b"}),
+        "cells 'a' and 'b' in group 'main' are the same run (sparsity 0.3, seed 0); remove one",
+    ),
+    "same name twice": (
+        grid({"method": "wanda", "name": "a"}, {"method": "magnitude", "name": "a"}),
+        "group 'main' has two different cells named 'a' at sparsity 0.3, seed 0; "
+        "give them different names",
+    ),
+}
+
+
+@pytest.mark.parametrize("data, message", BAD_GRIDS.values(), ids=BAD_GRIDS.keys())
+def test_bad_grids_fail_up_front_with_one_exact_line(data, message):
+    with pytest.raises(ConfigError) as caught:
+        parse_grid(data)
+    assert str(caught.value) == message
+
+
+def test_a_grid_file_that_is_not_yaml_is_a_config_error(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("cells: [method: wanda\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"grid\.yaml is not valid YAML"):
+        load_grid(path)
+    with pytest.raises(ConfigError, match="cannot read grid file"):
+        load_grid(tmp_path / "missing.yaml")
+
+
+def test_cells_expand_merge_utility_and_default_their_labels():
+    g = parse_grid(
+        grid(
+            {"method": "random", "sparsities": [0.2, 0.4], "seeds": [0, 1]},
+            {
+                "group": "ablation: weights",
+                "name": "acc-only",
+                "method": "bonsai",
+                "sparsity": 0.4,
+                "prune_frac": 0.2,
+                "utility": {"name": "comprehensive", "weights": {"acc": 100}},
+            },
+        )
+    )
+    assert [(c.label, c.prune_config.sparsity, c.prune_config.seed) for c in g.cells[:4]] == [
+        ("random", 0.2, 0),
+        ("random", 0.2, 1),
+        ("random", 0.4, 0),
+        ("random", 0.4, 1),
+    ]
+    ablation = g.cells[4]
+    assert (ablation.group, ablation.label) == ("ablation: weights", "acc-only")
+    config = ablation.prune_config
+    assert config.masks_per_round == 4 and config.prune_frac == 0.2  # base, then the cell
+    assert config.utility.weights == {"acc": 100.0, "lex": 0.0, "sem": 0.0}
+    assert g.eval_config.limit == 2 and g.eval_config.model == "default"
+    assert str(g.out) == "results"
+    assert parse_grid(grid({"method": "bonsai"})).cells[0].label == "bonsai+perplexity"
+
+
+def test_cell_keys_are_stable_readable_and_distinct():
+    data = grid(
+        {"method": "bonsai", "sparsities": [0.2, 0.35], "seeds": [0, 1]},
+        {"method": "bonsai", "sparsity": 0.35, "utility": {"name": "comprehensive"}},
+        {"group": "ablation", "name": "same as main", "method": "bonsai", "sparsity": 0.35},
+    )
+    g, again = parse_grid(data), parse_grid(json.loads(json.dumps(data)))
+    keys = [c.key for c in g.cells]
+    assert keys == [c.key for c in again.cells]
+    assert re.fullmatch(r"bonsai-perplexity-s0\.35-seed1-[0-9a-f]{8}", keys[3])
+    assert keys[4].startswith("bonsai-comprehensive-s0.35-seed0-")
+    assert len(set(keys[:5])) == 5
+    assert keys[5] == keys[2]  # the ablation's reference is the main cell: one cache entry
+    assert [c.key for c in g.unique_cells()] == keys[:5]
+    assert g.dense_key.startswith("dense-") and g.dense_key == again.dense_key
+    other_eval = parse_grid({**data, "eval": {**EVAL, "limit": 3}})
+    assert not {c.key for c in other_eval.cells} & set(keys)
+    assert other_eval.dense_key != g.dense_key
+
+
+def test_the_shipped_study_parses():
+    g = load_grid(Path(__file__).parents[1] / "results" / "grid.yaml")
+    groups = {c.group for c in g.cells}
+    assert groups == {"main", "ablation: weights", "ablation: gen tokens", "ablation: prune frac"}
+    main = {c.label for c in g.cells if c.group == "main"}
+    assert main == {
+        "random",
+        "magnitude",
+        "wanda",
+        "finercut",
+        "bonsai+perplexity",
+        "bonsai+comprehensive",
+    }
+    assert len(g.unique_cells()) == 32
+
+
+# ---- running on a tiny random Llama ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.padding_side = "left"
+    return tok
+
+
+class Calls:
+    """Wraps the steps of a cell and counts how often each runs."""
+
+    def __init__(self, monkeypatch, tokenizer):
+        self.counts = {"load": 0, "prune": 0, "evaluate": 0}
+        self.tokenizer = tokenizer
+        for name in ("prune", "evaluate"):
+            monkeypatch.setattr(experiments, name, self._counted(name, getattr(experiments, name)))
+
+    def _counted(self, name, function):
+        def wrapper(*args, **kwargs):
+            self.counts[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    def load(self, spec, *, dtype, device):
+        self.counts["load"] += 1
+        model = tiny_llama()
+        model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        return model, self.tokenizer
+
+    def reset(self) -> dict:
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return counts
+
+
+TINY_GRID = {
+    "eval": {**EVAL, "weights": {"acc": 50, "lex": 50, "sem": 0}},  # sem=0: MiniLM not loaded
+    "base": {**BASE, "dtype": "fp32", "utility": {"max_length": 192}},
+    "cells": [
+        {"method": "random", "sparsities": [0.1, 0.2]},
+        {"method": "bonsai", "sparsity": 0.1, "prune_frac": 0.1, "seeds": [0, 1]},
+        {"group": "ablation: units", "name": "both", "method": "random", "sparsity": 0.1},
+        {
+            "group": "ablation: units",
+            "name": "heads only",
+            "method": "random",
+            "units": "heads",
+            "sparsity": 0.5,
+        },
+    ],
+}
+
+
+def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**TINY_GRID, "out": str(tmp_path / "out")}), encoding="utf-8")
+    calls = Calls(monkeypatch, tokenizer)
+    out = tmp_path / "out"
+
+    first = run_experiment(path, progress=False, load=calls.load)
+    # dense + 5 distinct runs ("both" is the main random cell); heads alone cannot reach 0.5: recorded, the grid goes on
+    assert [o.status for o in first.outcomes] == ["ran", "ran", "ran", "ran", "ran", "failed"]
+    assert "PruningError: target sparsity 0.5 is unreachable" in first.outcomes[-1].error
+    assert calls.reset() == {"load": 6, "prune": 5, "evaluate": 5}
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert f"`bonsai-prune experiment {path}`" in report
+    assert "| dense | – |" in report and "| **bonsai+perplexity** | mean of 2 |" in report
+    assert "## Ablation: units" in report and "failed: PruningError" in report
+    assert "the first 2 problems of GSM8K test" in report and "torch " in report
+    for name in ("accuracy", "udagger", "perplexity"):
+        assert (out / f"{name}_vs_sparsity.png").stat().st_size > 1000
+    assert (out / "layers_0.1.png").is_file() and (out / "layers_0.2.png").is_file()
+
+    second = run_experiment(path, progress=False, load=calls.load)
+    assert [o.status for o in second.outcomes[:5]] == ["cached"] * 5
+    assert calls.reset() == {"load": 1, "prune": 1, "evaluate": 0}  # only the failed cell again
+
+    bonsai = next(c for c in first.grid.cells if c.label == "bonsai+perplexity")
+    (out / "cells" / bonsai.key / "eval" / "summary.json").unlink()
+    third = run_experiment(path, progress=False, load=calls.load, only="bonsai+perplexity")
+    assert calls.reset() == {"load": 0, "prune": 0, "evaluate": 1}  # pruned model reloaded
+    assert [o.status for o in third.outcomes] == ["cached", "ran", "cached"]
+
+    run_report = out / "cells" / bonsai.key / "run" / "report.json"
+    run_report.write_text(json.dumps({**json.loads(run_report.read_text()), "complete": False}))
+    run_experiment(path, progress=False, load=calls.load, only=bonsai.key)
+    assert calls.reset() == {"load": 1, "prune": 1, "evaluate": 1}  # killed mid-prune: resumed
+
+    (out / "report.md").unlink()
+    write_report(load_grid(path))  # --report-only: from the cache alone
+    assert (out / "report.md").read_text(encoding="utf-8").count("| dense |") == 4
+    with pytest.raises(ConfigError, match="--only nothing matches no cell"):
+        run_experiment(path, progress=False, load=calls.load, only="nothing")
