@@ -10,6 +10,7 @@ import gzip
 import json
 import random
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -67,8 +68,8 @@ def load_problems(path: str | Path) -> list[Problem]:
         return _parse_lines(f, source=str(path))
 
 
-def _parse_lines(lines, source: str) -> list[Problem]:
-    problems = []
+def json_objects(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank JSONL line; a bad line raises DataError naming it."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -78,6 +79,12 @@ def _parse_lines(lines, source: str) -> list[Problem]:
             raise DataError(f"{source} line {number} is not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
             raise DataError(f"{source} line {number} is not a JSON object")
+        yield number, row
+
+
+def _parse_lines(lines, source: str) -> list[Problem]:
+    problems = []
+    for number, row in json_objects(lines, source):
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise DataError(f"{source} line {number} lacks a non-empty string field {key!r}")

@@ -8,12 +8,11 @@ predictions, so a user can check a weight mix on outputs they already have.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 
-from .data import final_answer
+from .data import final_answer, json_objects
 from .errors import ConfigError, DataError
 from .utility.metrics import (
     ACCURACY_RULES,
@@ -115,15 +114,7 @@ def load_score_file(path: str | Path) -> tuple[list[str], list[str]]:
         )
     predictions, references = [], []
     with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} line {number} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {number} is not a JSON object")
+        for number, row in json_objects(f, str(path)):
             if not isinstance(row.get("prediction"), str):
                 raise DataError(f"{path} line {number} lacks a string field 'prediction'")
             if not isinstance(row.get("reference"), str) or not row["reference"].strip():
