@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from bonsai_prune.selection import round_budget, select_units
+from bonsai_prune.selection import Selection, round_budget, select_units
 
 INF = math.inf
 
 
-def select(score, costs, budget, modules, min_keep, current_keep=None):
+def select(score, costs, budget, modules, min_keep, current_keep=None) -> Selection:
     return select_units(
         torch.tensor(score, dtype=torch.float64),
         torch.tensor(costs, dtype=torch.float64),
@@ -23,10 +23,35 @@ def select(score, costs, budget, modules, min_keep, current_keep=None):
     )
 
 
+def random_problem(seed: int, n_units: int = 300, n_modules: int = 7):
+    """(score (U,), costs (U,), module_index (U,)) with some +inf scores and uneven costs."""
+    generator = torch.Generator().manual_seed(seed)
+    score = torch.randn(n_units, generator=generator, dtype=torch.float64)
+    score[torch.randperm(n_units, generator=generator)[: n_units // 10]] = INF
+    costs = torch.randint(1, 50, (n_units,), generator=generator).double()
+    modules = torch.randint(0, n_modules, (n_units,), generator=generator)
+    return score, costs, modules
+
+
+# --- order ----------------------------------------------------------------------------------
+
+
 def test_removes_the_least_important_within_budget():
     selection = select([0.5, 0.1, 0.9, 0.3, 0.7], [1] * 5, 3, [0] * 5, [1])
+    assert isinstance(selection, Selection)
     assert selection.keep.tolist() == [False, False, True, False, True]
+    assert selection.keep.dtype == torch.bool
     assert selection.removed_params == 3.0
+
+
+def test_equal_costs_remove_a_prefix_of_the_importance_order():
+    score, _, modules = random_problem(1)
+    costs = torch.full_like(score, 10.0)
+    selection = select_units(score, costs, 905.0, modules, torch.zeros(7, dtype=torch.long))
+    removed = ~selection.keep
+    assert int(removed.sum()) == 90
+    finite_kept = selection.keep & torch.isfinite(score)
+    assert float(score[removed].max()) <= float(score[finite_kept].min())
 
 
 def test_skips_a_unit_that_does_not_fit_and_goes_on():
@@ -36,15 +61,76 @@ def test_skips_a_unit_that_does_not_fit_and_goes_on():
     assert selection.removed_params == 4.0
 
 
+def test_ties_go_to_the_lower_index():
+    selection = select([1.0, 1.0, 1.0, 1.0], [1] * 4, 2, [0] * 4, [0])
+    assert selection.keep.tolist() == [False, False, True, True]
+
+
+def test_infinite_scores_are_never_removed_and_minus_infinity_goes_first():
+    selection = select([INF, -INF, 0.0, INF], [1] * 4, 100, [0] * 4, [0])
+    assert selection.keep.tolist() == [True, False, False, True]
+    first = select([0.0, -INF, 1.0], [1] * 3, 1, [0] * 3, [0])
+    assert first.keep.tolist() == [True, False, True]
+
+
+def test_infinite_scores_survive_any_budget_and_no_floor():
+    score, costs, modules = random_problem(2)
+    selection = select_units(score, costs, 1e12, modules, torch.zeros(7, dtype=torch.long))
+    assert bool(selection.keep[torch.isinf(score)].all())
+    assert not bool(selection.keep[torch.isfinite(score)].any())  # everything else went
+
+
+# --- the budget -----------------------------------------------------------------------------
+
+
 def test_never_exceeds_the_budget():
-    generator = torch.Generator().manual_seed(0)
-    score = torch.rand(300, generator=generator, dtype=torch.float64)
-    costs = torch.randint(1, 50, (300,), generator=generator).double()
-    modules = torch.arange(300) % 7
-    for budget in (0.0, 13.0, 500.0, 2500.0):
-        selection = select_units(score, costs, budget, modules, torch.ones(7, dtype=torch.long))
-        removed = float(costs[~selection.keep].sum())
-        assert removed == selection.removed_params <= budget
+    for seed in range(3):
+        score, costs, modules = random_problem(seed)
+        for budget in (0.0, 13.0, 500.0, 2500.0):
+            selection = select_units(score, costs, budget, modules, torch.ones(7, dtype=torch.long))
+            removed = float(costs[~selection.keep].sum())
+            assert removed == selection.removed_params <= budget
+
+
+def test_the_budget_is_nearly_used():
+    # greedy with skipping: every finite unit still kept, in a module above its floor, costs
+    # more than what is left of the budget (else the walk would have taken it)
+    min_keep = torch.tensor([0, 1, 3, 10, 40, 1, 1])
+    for seed in range(3):
+        score, costs, modules = random_problem(seed)
+        for budget in (13.0, 500.0, 2500.0):
+            selection = select_units(score, costs, budget, modules, min_keep)
+            left = budget - selection.removed_params
+            kept = torch.bincount(modules[selection.keep], minlength=7)  # (M,)
+            above_floor = (kept > min_keep)[modules]  # (U,)
+            could_go = selection.keep & torch.isfinite(score) & above_floor
+            assert bool((costs[could_go] > left).all()), (seed, budget)
+            assert left < float(costs.max())
+
+
+def test_unit_costs_use_the_budget_almost_exactly():
+    score = torch.randn(200, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    costs = torch.full((200,), 7.0, dtype=torch.float64)
+    modules = torch.arange(200) % 4
+    for budget in (6.0, 7.0, 100.0, 701.0):
+        selection = select_units(score, costs, budget, modules, torch.ones(4, dtype=torch.long))
+        assert budget - 7.0 < selection.removed_params <= budget
+
+
+def test_zero_or_negative_budget_removes_nothing():
+    for budget in (0.0, -5.0):
+        selection = select([0.0, 1.0, 2.0], [1, 1, 1], budget, [0] * 3, [0])
+        assert selection.keep.tolist() == [True] * 3
+        assert selection.removed_params == 0.0
+
+
+def test_zero_cost_units_go_whatever_the_budget():
+    selection = select([0.0, 1.0, 2.0, 3.0], [0, 5, 0, 5], 0, [0] * 4, [0])
+    assert selection.keep.tolist() == [False, True, False, True]
+    assert selection.removed_params == 0.0
+
+
+# --- module floors --------------------------------------------------------------------------
 
 
 def test_module_floors_are_respected():
@@ -55,16 +141,28 @@ def test_module_floors_are_respected():
     assert emptied.keep.tolist() == [False, False, False, True, True]
 
 
-def test_infinite_scores_are_never_removed_and_minus_infinity_goes_first():
-    selection = select([INF, -INF, 0.0, INF], [1] * 4, 100, [0] * 4, [0])
-    assert selection.keep.tolist() == [True, False, False, True]
-    first = select([0.0, -INF, 1.0], [1] * 3, 1, [0] * 3, [0])
-    assert first.keep.tolist() == [True, False, True]
+def test_floors_hold_on_random_problems():
+    min_keep = torch.tensor([0, 1, 3, 10, 40, 1, 1])
+    for seed in range(3):
+        score, costs, modules = random_problem(seed)
+        selection = select_units(score, costs, 1e9, modules, min_keep)
+        before = torch.bincount(modules, minlength=7)  # (M,)
+        after = torch.bincount(modules[selection.keep], minlength=7)  # (M,)
+        assert bool((after >= torch.minimum(min_keep, before)).all())
+        # with an unlimited budget the floors (or the +inf units) are what stops removal
+        n_inf = torch.bincount(modules[torch.isinf(score)], minlength=7)  # (M,)
+        assert after.tolist() == torch.maximum(torch.minimum(min_keep, before), n_inf).tolist()
 
 
-def test_ties_go_to_the_lower_index():
-    selection = select([1.0, 1.0, 1.0, 1.0], [1] * 4, 2, [0] * 4, [0])
-    assert selection.keep.tolist() == [False, False, True, True]
+def test_a_module_below_its_floor_loses_nothing():
+    selection = select([0.0, 1.0, 2.0, 3.0], [1] * 4, 100, [0, 0, 1, 1], [3, 0])
+    assert selection.keep.tolist() == [True, True, False, False]
+
+
+def test_a_floored_module_lets_the_walk_go_on_to_other_modules():
+    # module 0 holds the least important units but may lose only one
+    selection = select([0.0, 0.1, 0.2, 5.0, 6.0], [1] * 5, 3, [0, 0, 0, 1, 1], [2, 0])
+    assert selection.keep.tolist() == [False, True, True, False, False]
 
 
 def test_already_removed_units_stay_removed_and_cost_nothing():
@@ -75,6 +173,15 @@ def test_already_removed_units_stay_removed_and_cost_nothing():
     # the floor counts kept units only: one more removal would leave 1 < 2
     floored = select([0.0, 0.1, 0.2, 0.3], [10, 1, 1, 1], 5, [0] * 4, [2], current)
     assert floored.keep.tolist() == [False, False, True, True]
+
+
+def test_inputs_are_not_modified():
+    score, costs, modules = random_problem(0)
+    current = torch.ones(300, dtype=torch.bool)
+    copies = score.clone(), costs.clone(), modules.clone(), current.clone()
+    select_units(score, costs, 500.0, modules, torch.ones(7, dtype=torch.long), current)
+    for tensor, copy in zip((score, costs, modules, current), copies, strict=True):
+        assert torch.equal(tensor, copy)
 
 
 def test_matches_a_plain_greedy_walk():
@@ -98,6 +205,17 @@ def test_matches_a_plain_greedy_walk():
     assert selection.keep.tolist() == keep
 
 
+def test_no_units():
+    empty = torch.zeros(0, dtype=torch.float64)
+    selection = select_units(
+        empty, empty, 10.0, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    )
+    assert selection.keep.shape == (0,) and selection.removed_params == 0.0
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
 def test_bad_input_is_rejected():
     with pytest.raises(ValueError, match="NaN"):
         select([0.0, math.nan], [1, 1], 1, [0, 0], [0])
@@ -105,14 +223,48 @@ def test_bad_input_is_rejected():
         select([0.0, 1.0], [1, 1], 1, [0, 1], [0])
     with pytest.raises(ValueError, match=r"\(U,\)"):
         select([0.0, 1.0], [1], 1, [0, 0], [0])
+    with pytest.raises(ValueError, match=">= 0"):
+        select([0.0, 1.0], [1, -1], 1, [0, 0], [0])
+
+
+@pytest.mark.parametrize(("budget", "costs"), [(math.nan, [1, 1, 1]), (1.0, [math.nan, 1, 1])])
+def test_nan_budget_or_cost_is_rejected(budget: float, costs: list[float]):
+    with pytest.raises(ValueError):
+        select([0.0, 1.0, 2.0], costs, budget, [0] * 3, [0])
+
+
+# --- the round's budget ---------------------------------------------------------------------
 
 
 def test_round_budget_is_a_fraction_of_the_original():
     assert round_budget(1000, 1000, 0.5, 0.2) == pytest.approx(200.0)
     assert round_budget(1000, 800, 0.5, 0.2) == pytest.approx(200.0)
+    assert round_budget(1000, 700, 0.5, 0.2) == pytest.approx(200.0)
 
 
 def test_round_budget_clips_the_last_round():
+    assert round_budget(100, 60, 0.5, 0.2) == pytest.approx(10.0)
     assert round_budget(1000, 600, 0.5, 0.2) == pytest.approx(100.0)  # only 100 left to 50%
     assert round_budget(1000, 500, 0.5, 0.2) == 0.0
-    assert round_budget(1000, 450, 0.5, 0.2) == 0.0  # already past the target: never negative
+
+
+def test_round_budget_is_never_negative():
+    assert round_budget(1000, 450, 0.5, 0.2) == 0.0  # already past the target
+    assert round_budget(100, 10, 0.5, 0.2) == 0.0
+    assert round_budget(100, 100, 0.0, 0.2) == 0.0
+    for current in range(0, 101, 5):
+        for target in (0.0, 0.3, 0.5, 0.9):
+            assert round_budget(100, current, target, 0.2) >= 0.0
+
+
+@pytest.mark.parametrize(("target", "fraction", "rounds"), [(0.5, 0.2, 3), (0.5, 0.1, 5)])
+def test_round_budgets_reach_the_target_exactly(target: float, fraction: float, rounds: int):
+    n_original = current = 10_000
+    budgets = []
+    while (budget := round_budget(n_original, current, target, fraction)) > 0:
+        budgets.append(budget)
+        current -= budget
+        assert len(budgets) <= 10
+    assert len(budgets) == rounds
+    assert current == pytest.approx((1 - target) * n_original)
+    assert all(b <= fraction * n_original + 1e-9 for b in budgets)

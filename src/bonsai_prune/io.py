@@ -98,7 +98,8 @@ def completed_rounds(out: Path) -> int:
 def save_model(out: Path, model, tokenizer, structure: dict) -> Path:
     """Write the pruned model to OUT/model, atomically (a temp folder renamed into place)."""
     target = Path(out) / MODEL_DIR
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".model."))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model."))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -63,7 +63,7 @@ def uniform_prior(stats: UnitStats, generator: torch.Generator) -> torch.Tensor:
 
 def round_half_up(x: float) -> int:
     """``round`` without banker's rounding: 0.5 -> 1, 2.5 -> 3 (Python's gives 0 and 2)."""
-    return math.floor(x + 0.5)
+    return math.floor(x + 0.5 + 1e-9)  # 0.35 * 90 is 31.499999999999996 in floating point
 
 
 def units_to_remove(n_units: int, prune_fraction: float) -> int:

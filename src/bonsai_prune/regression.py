@@ -78,7 +78,7 @@ def fit_importance(
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
     mean, std = float(y.mean()), float(y.std())
-    if std == 0.0 or n_features == 0:
+    if np.ptp(y) == 0.0 or n_features == 0:  # constant: std can come out 1e-16, not 0
         beta = torch.zeros(n_features, dtype=torch.float64)
         return RegressionFit(beta, mean, 0.0, 0.0, method)
     y_std = (y - mean) / std  # (N,) mean 0, variance 1

@@ -27,7 +27,8 @@ def removal_weights(prior: torch.Tensor) -> torch.Tensor:
     it possible, and turns an all-equal prior into uniform sampling.
     """
     gap = prior.double().max() - prior.double()  # (c,) >= 0
-    return gap + EPSILON * max(float(gap.max()), 1.0)
+    largest = float(gap.max())
+    return gap + EPSILON * (largest if largest > 0 else 1.0)  # relative: the prior's scale is free
 
 
 def removals_per_module(n_units: int, n_candidates: int, prune_fraction: float) -> int:

@@ -10,6 +10,7 @@ Paper: Dery et al., "Everybody Prune Now", https://arxiv.org/abs/2402.05406 (sec
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -64,6 +65,8 @@ def select_units(
     module_index, min_keep = module_index.cpu(), min_keep.cpu()
     if bool(torch.isnan(score).any()):
         raise ValueError("score has NaN entries; give units that must stay +inf")
+    if math.isnan(budget) or bool(torch.isnan(costs).any()):
+        raise ValueError("budget and unit_costs must not be NaN")
     if bool((costs < 0).any()):
         raise ValueError("unit_costs must be >= 0")
     if n_units and int(module_index.max()) >= min_keep.numel():
