@@ -11,7 +11,8 @@ Every ratio compares two measurements taken in the same run on the same machine:
   parameter budget Bonsai uses (measuring a Bonsai-chosen model of the same shapes is equal);
 * the wall time and peak memory of a real pruning run against plain inference.
 
-Memory is read per child process (``os.wait4``), so each figure is that job's own peak.
+Memory is each child process's own peak (VmHWM), so each figure is that job's alone. Timed
+comparisons alternate their two sides, so a busy machine slows both alike.
 """
 
 from __future__ import annotations
@@ -135,22 +136,27 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
     for name in ("perplexity", "comprehensive"):
         utility = resolve_utility(UtilityConfig(name=name))
         utility(fast_model, batch)  # warm-up: kernels, and the embedding model for U†
-        fast, fast_s = _timed(
-            lambda u=utility: score_masks(
-                adapter, fast_model, u, batch, masks, per_forward, progress
-            ).tolist()
-        )
-        reference, reference_s = [], 0.0
-        for keep in masks:
-            with adapter.apply_masks(ref_model, keep):
-                if name == "perplexity":
-                    value, seconds = _timed(lambda: reference_perplexity(ref_model, batch))
-                else:
-                    value, seconds = _timed(
-                        lambda u=utility: reference_u_dagger(ref_model, batch, u)
-                    )
-            reference.append(value)
-            reference_s += seconds
+        fast, reference, fast_s, reference_s = [], [], 0.0, 0.0
+        # Alternate the two paths group by group, so load from other jobs hits both alike.
+        for start in range(0, len(masks), per_forward):
+            group = masks[start : start + per_forward]
+            values, seconds = _timed(
+                lambda g=group, u=utility: score_masks(
+                    adapter, fast_model, u, batch, g, per_forward, False
+                )
+            )
+            fast += values.tolist()
+            fast_s += seconds
+            for keep in group:
+                with adapter.apply_masks(ref_model, keep):
+                    if name == "perplexity":
+                        value, seconds = _timed(lambda: reference_perplexity(ref_model, batch))
+                    else:
+                        value, seconds = _timed(
+                            lambda u=utility: reference_u_dagger(ref_model, batch, u)
+                        )
+                reference.append(value)
+                reference_s += seconds
         figures[name] = {
             "fast_evals_per_s": len(masks) / fast_s,
             "reference_evals_per_s": len(masks) / reference_s,
@@ -159,9 +165,7 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
             "fast_s_per_eval": fast_s / len(masks),
         }
         if name == "perplexity":
-            tokens = (
-                int(batch.attention_mask.sum()) * 0 + batch.input_ids.numel()
-            )  # padded tokens run too
+            tokens = int(batch.attention_mask.sum())  # chunks are cut to their longest row
             params = adapter.count_parameters(fast_model)
             hidden, vocab = fast_model.config.hidden_size, fast_model.config.vocab_size
             flops = 2 * params * tokens + 2 * hidden * vocab * batch.n_target_tokens
@@ -192,50 +196,89 @@ def slice_at_random(model, adapter, sparsity: float, seed: int) -> None:
     adapter.slice(model, selection.keep)
 
 
-def measure_inference(model_dir: str, decode_tokens: int, dtype: str) -> dict:
-    """Run in a child process: prefill and greedy decode speed of one model, batch 1 and 8."""
+def _prompts(tokenizer, n: int = 8) -> list[str]:
     from .data import load_gsm8k
-    from .models import load_model
     from .prompts import format_prompt
 
-    model, tokenizer = load_model(model_dir, dtype=dtype)
-    prompts = [format_prompt(tokenizer, p.question) for p in load_gsm8k("test")[:8]]
-    figures = {}
+    return [format_prompt(tokenizer, p.question) for p in load_gsm8k("test")[:n]]
+
+
+def _speed_once(model, tokenizer, prompts: list[str], batch_size: int, decode_tokens: int) -> dict:
+    inputs = tokenizer(
+        prompts[:batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+    )
+    pad = tokenizer.pad_token_id
     with torch.no_grad():
-        for batch_size in (1, 8):
-            inputs = tokenizer(
-                prompts[:batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+        _, prefill_s = _timed(lambda: model(**inputs, logits_to_keep=1))
+        _, total_s = _timed(
+            lambda: model.generate(
+                **inputs,
+                max_new_tokens=decode_tokens,
+                min_new_tokens=decode_tokens,
+                do_sample=False,
+                pad_token_id=pad,
             )
-            kwargs = {
-                "max_new_tokens": decode_tokens,
-                "min_new_tokens": decode_tokens,
-                "do_sample": False,
-                "pad_token_id": tokenizer.pad_token_id,
-            }
-            model.generate(
-                **inputs, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-            _, prefill_s = _timed(lambda i=inputs: model(**i, logits_to_keep=1))
-            _, total_s = _timed(lambda i=inputs, k=kwargs: model.generate(**i, **k))
-            decode_s = max(total_s - prefill_s, 1e-9)
-            figures[f"batch{batch_size}"] = {
-                "prefill_tokens_per_s": int(inputs["attention_mask"].sum()) / prefill_s,
-                "decode_tokens_per_s": batch_size * (decode_tokens - 1) / decode_s,
-            }
-    return figures
+        )
+    return {
+        "prefill_tokens_per_s": int(inputs["attention_mask"].sum()) / prefill_s,
+        "decode_tokens_per_s": batch_size * (decode_tokens - 1) / max(total_s - prefill_s, 1e-9),
+    }
 
 
-def run_child(args: list[str]) -> tuple[dict, int]:
-    """Run ``python -m bonsai_prune.bench <args>``; return its JSON and its own peak RSS (bytes)."""
-    process = subprocess.Popen(
+def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int = 3) -> dict:
+    """Prefill and greedy decode speed of each model, batch 1 and 8: the median of ``repeats``
+    rounds that visit every model in turn (interleaved, so a busy machine slows all alike)."""
+    from statistics import median
+
+    from .models import load_model
+
+    loaded = {name: load_model(folder, dtype="auto") for name, folder in model_dirs.items()}
+    prompts = _prompts(next(iter(loaded.values()))[1])
+    samples: dict = {name: {1: [], 8: []} for name in loaded}
+    for model, tokenizer in loaded.values():  # warm-up
+        _speed_once(model, tokenizer, prompts, 8, 3)
+    for _ in range(repeats):
+        for name, (model, tokenizer) in loaded.items():
+            for batch_size in (1, 8):
+                samples[name][batch_size].append(
+                    _speed_once(model, tokenizer, prompts, batch_size, decode_tokens)
+                )
+    return {
+        name: {
+            f"batch{b}": {key: median(s[key] for s in runs) for key in runs[0]}
+            for b, runs in by_batch.items()
+        }
+        for name, by_batch in samples.items()
+    }
+
+
+def measure_memory(model_dir: str, decode_tokens: int) -> dict:
+    """In a child process: load one model and generate, then report this process's own peak."""
+    from .models import load_model
+
+    model, tokenizer = load_model(model_dir, dtype="auto")
+    _speed_once(model, tokenizer, _prompts(tokenizer), 8, decode_tokens)
+    return {"peak_rss_bytes": peak_rss_bytes()}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited over fork)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_child(args: list[str]) -> dict:
+    """Run ``python -m bonsai_prune.bench <args>`` and return the JSON it prints last."""
+    done = subprocess.run(
         [sys.executable, "-m", "bonsai_prune.bench", *args], stdout=subprocess.PIPE, text=True
     )
-    stdout = process.stdout.read() if process.stdout else ""
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"benchmark child {args[0]} failed with code {process.returncode}")
-    return json.loads(stdout.strip().splitlines()[-1]), usage.ru_maxrss * 1024
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark child {args[0]} failed with code {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _dir_bytes(path: Path) -> int:
@@ -256,14 +299,13 @@ def bench_slicing(config: BenchConfig, workdir: Path) -> dict:
         dirs[f"{int(sparsity * 100)}"] = io.save_model(
             workdir / f"sliced{int(sparsity * 100)}", model, tokenizer, adapter.structure(model)
         )
+    speed = run_child(
+        ["speed", json.dumps({k: str(v) for k, v in dirs.items()}), str(config.decode_tokens)]
+    )
     measured = {}
     for name, folder in dirs.items():
-        figures, peak = run_child(["inference", str(folder), str(config.decode_tokens)])
-        measured[name] = {
-            **figures,
-            "peak_rss_bytes": peak,
-            "size_on_disk_bytes": _dir_bytes(folder),
-        }
+        memory = run_child(["memory", str(folder), str(config.decode_tokens)])
+        measured[name] = {**speed[name], **memory, "size_on_disk_bytes": _dir_bytes(folder)}
     out = {"models": measured}
     dense = measured["dense"]
     for name in ("30", "50"):
@@ -305,8 +347,11 @@ def bench_pruning(config: BenchConfig, workdir: Path) -> dict:
         "--quiet",
         *settings,
     ]
-    report, prune_peak = run_child(args)
-    _, inference_peak = run_child(["inference", config.model, str(config.decode_tokens)])
+    report = run_child(args)
+    prune_peak = report["peak_rss_bytes"]
+    inference_peak = run_child(["memory", config.model, str(config.decode_tokens)])[
+        "peak_rss_bytes"
+    ]
     return {
         "prune_settings": " ".join(args[:-1]).replace(str(workdir / "prune50"), "OUT"),
         "prune_wall_s": report["wall_s"],
@@ -394,8 +439,10 @@ def format_table(result: dict) -> str:
 
 def _child(argv: list[str]) -> None:
     """Entry point of the measuring child processes (their RSS is measured alone)."""
-    if argv[0] == "inference":
-        print(json.dumps(measure_inference(argv[1], int(argv[2]), "auto")))
+    if argv[0] == "speed":
+        print(json.dumps(measure_speed(json.loads(argv[1]), int(argv[2]))))
+    elif argv[0] == "memory":
+        print(json.dumps(measure_memory(argv[1], int(argv[2]))))
     elif argv[0] == "prune":
         from .cli import main
 
@@ -408,7 +455,8 @@ def _child(argv: list[str]) -> None:
                 sys.stdout = saved
         if code:
             sys.exit(code)
-        print(json.dumps(json.loads((out / "report.json").read_text())))
+        report = json.loads((out / "report.json").read_text())
+        print(json.dumps({**report, "peak_rss_bytes": peak_rss_bytes()}))
     else:
         raise SystemExit(f"unknown benchmark child {argv[0]!r}")
 
