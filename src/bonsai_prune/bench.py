@@ -353,7 +353,7 @@ def bench_pruning(config: BenchConfig, workdir: Path) -> dict:
         "peak_rss_bytes"
     ]
     return {
-        "prune_settings": " ".join(args[:-1]).replace(str(workdir / "prune50"), "OUT"),
+        "prune_settings": " ".join(args).replace(str(workdir / "prune50"), "OUT"),
         "prune_wall_s": report["wall_s"],
         "prune_phase_s": report["phase_seconds"],
         "prune_peak_rss_bytes": prune_peak,
