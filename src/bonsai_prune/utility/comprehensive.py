@@ -60,19 +60,16 @@ class ComprehensiveUtility:
         self.config = config or UtilityConfig(name="comprehensive")
         # The embedding model is not loaded at all when the semantic weight is 0.
         self.semantic = SemanticScorer() if self.config.weights.get("sem", 0) > 0 else None
-        self._prefix_cache: dict[int, tuple[list[str], list[str]]] = {}
+        # The batch itself is held, not its id(): a freed batch's id can be reused by the next
+        # round's batch, which would then be scored against the previous round's references.
+        self._cached: tuple[CalibrationBatch, tuple[list[str], list[str]]] | None = None
 
     def references(self, batch: CalibrationBatch) -> tuple[list[str], list[str]]:
         """(full answers for accuracy, same-length prefixes for similarity), once per batch."""
-        key = id(batch)
-        if key not in self._prefix_cache:
-            self._prefix_cache = {
-                key: (
-                    [p.answer for p in batch.problems],
-                    reference_prefixes(batch, self.config.gen_tokens),
-                )
-            }
-        return self._prefix_cache[key]
+        if self._cached is None or self._cached[0] is not batch:
+            answers = [p.answer for p in batch.problems]
+            self._cached = (batch, (answers, reference_prefixes(batch, self.config.gen_tokens)))
+        return self._cached[1]
 
     def __call__(self, model, batch: CalibrationBatch) -> float:
         outputs = generate_greedy(
