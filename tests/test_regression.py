@@ -22,8 +22,9 @@ def synthetic_round(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(masks (200, 40), scores (200,), true beta (40,)): utility = 3 + masks @ beta + noise.
 
-    design "bernoulli": each unit kept with probability 1/2, independently. "bonsai": the
-    project's sampler, antithetic pairs removing exactly 10 of each module of 20.
+    design "bernoulli": each unit kept with probability 1/2, independently. "fixed" and
+    "varied": the project's sampler, antithetic pairs removing exactly 10 of each module of 20
+    ("fixed", Bonsai's) or a uniform 0..20 of each module ("varied").
     Effects span -0.5 to 2 (0.064 apart); the noise sd is 0.3.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -39,6 +40,7 @@ def synthetic_round(
             0.5,
             N_MASKS // 2,
             generator=generator,
+            removal_counts=design,
         )  # (200, 40)
     noise = NOISE * torch.randn(N_MASKS, generator=generator, dtype=torch.float64)
     scores = 3.0 + masks.double() @ true_beta + noise  # (200,)
@@ -85,12 +87,42 @@ def test_recovery_holds_for_other_draws(method: str, seed: int):
 def test_recovers_within_module_importances_from_antithetic_masks(method: str):
     # every mask keeps exactly 10 units of each module, so each module's beta is known only
     # up to a constant shared by its units: compare the module-centred values
-    masks, scores, true_beta = synthetic_round(design="bonsai")
+    masks, scores, true_beta = synthetic_round(design="fixed")
     fit = fit_importance(masks, scores, method=method)
     fitted, true = centred_per_module(fit.beta), centred_per_module(true_beta)
     assert spearmanr(fitted.numpy(), true.numpy()).statistic > 0.95
     assert float((fitted - true).abs().max()) < 0.25
     assert 0 < fit.cv_error < 2 * NOISE**2
+
+
+def module_means(beta: torch.Tensor) -> torch.Tensor:
+    """(2,) mean beta of each module: what a fixed-count design cannot identify."""
+    return torch.stack([beta[MODULE_INDEX == m].mean() for m in (0, 1)])
+
+
+def test_varied_counts_identify_which_module_matters_and_fixed_counts_do_not():
+    # module 1's units matter far more than module 0's: a selection that compares modules
+    # must see it. Fixed counts centre each module's betas; varied counts recover the truth.
+    generator = torch.Generator().manual_seed(5)
+    true_beta = torch.where(MODULE_INDEX == 1, 1.0, 0.1).double()
+    true_beta += 0.05 * torch.randn(N_UNITS, generator=generator, dtype=torch.float64)
+    gaps = {}
+    for design in ("fixed", "varied"):
+        masks = sample_masks(
+            torch.ones(N_UNITS),
+            torch.zeros(N_UNITS, dtype=torch.bool),
+            MODULE_INDEX,
+            0.5,
+            N_MASKS // 2,
+            generator=generator,
+            removal_counts=design,
+        )
+        noise = NOISE * torch.randn(N_MASKS, generator=generator, dtype=torch.float64)
+        fit = fit_importance(masks, 3.0 + masks.double() @ true_beta + noise)
+        means = module_means(fit.beta)
+        gaps[design] = float(means[1] - means[0])
+    assert abs(gaps["fixed"]) < 0.2  # true gap 0.9: invisible to the fixed-count design
+    assert 0.6 < gaps["varied"] < 1.2
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -33,6 +33,11 @@ def exact_removals(n_units: int, fraction: float) -> int:
     return math.floor(Fraction(str(fraction)) * n_units + Fraction(1, 2))
 
 
+def fixed_count_masks(*args, **kwargs) -> torch.Tensor:
+    """Bonsai's sampler: every mask removes round(f * n) units of each module."""
+    return sample_masks(*args, removal_counts="fixed", **kwargs)
+
+
 def removal_frequency(masks: torch.Tensor) -> torch.Tensor:
     """(U,) share of the first masks of the pairs that remove each unit."""
     return (~masks[0::2]).double().mean(dim=0)
@@ -45,7 +50,7 @@ def removal_frequency(masks: torch.Tensor) -> torch.Tensor:
 def test_every_mask_removes_round_f_n_of_each_module_and_no_fixed_unit(fraction: float):
     prior, module_index = layout()
     fixed = fixed_units(prior, module_index, fraction)
-    masks = sample_masks(prior, fixed, module_index, fraction, 16, generator=gen(0))
+    masks = fixed_count_masks(prior, fixed, module_index, fraction, 16, generator=gen(0))
     assert masks.shape == (32, len(prior)) and masks.dtype == torch.bool
     assert bool(masks[:, fixed].all())  # fixed units are never removed
     for module, n in enumerate(SIZES):
@@ -58,7 +63,7 @@ def test_half_up_rounding_at_exact_halves():
     # 0.1 * 5 = 0.5 -> 1 and 0.1 * 25 = 2.5 -> 3 (Python's round would give 0 and 2)
     prior, module_index = layout((5, 25))
     fixed = fixed_units(prior, module_index, 0.1)
-    masks = sample_masks(prior, fixed, module_index, 0.1, 4, generator=gen(0))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.1, 4, generator=gen(0))
     assert (~masks[:, module_index == 0]).sum(dim=1).tolist() == [1] * 8
     assert (~masks[:, module_index == 1]).sum(dim=1).tolist() == [3] * 8
 
@@ -68,7 +73,7 @@ def test_fixed_units_are_never_removed_even_with_the_lowest_prior():
     prior = torch.arange(30, dtype=torch.float64)
     module_index = torch.arange(30) % 2
     fixed = prior < 12
-    masks = sample_masks(prior, fixed, module_index, 0.2, 200, generator=gen(1))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.2, 200, generator=gen(1))
     assert bool(masks[:, fixed].all())
     assert (~masks[0::2]).sum(dim=1).tolist() == [2 * 3] * 200  # 3 of each module of 15
 
@@ -85,7 +90,7 @@ def test_fixed_units_may_carry_an_infinite_prior():
 def test_above_half_the_partner_removes_the_rest_of_the_candidates():
     prior, module_index = layout()
     fixed = torch.zeros(len(prior), dtype=torch.bool)  # what fixed_units gives for f >= 0.5
-    masks = sample_masks(prior, fixed, module_index, 0.7, 5, generator=gen(0))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.7, 5, generator=gen(0))
     for module, n in enumerate(SIZES):
         removed = (~masks[:, module_index == module]).sum(dim=1)  # (N,)
         k = exact_removals(n, 0.7)
@@ -106,7 +111,7 @@ def test_a_module_with_candidates_loses_at_least_one_unit():
     prior = torch.arange(9, dtype=torch.float64)
     module_index = torch.zeros(9, dtype=torch.long)
     fixed = torch.tensor([True] * 7 + [False] * 2)
-    masks = sample_masks(prior, fixed, module_index, 0.02, 4, generator=gen(0))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.02, 4, generator=gen(0))
     assert (~masks).sum(dim=1).tolist() == [1] * 8
 
 
@@ -123,7 +128,7 @@ def test_module_ids_with_gaps():
     module_index = torch.tensor([0] * 10 + [2] * 10)
     prior = torch.rand(20, generator=gen(0), dtype=torch.float64)
     fixed = fixed_units(prior, module_index, 0.2)
-    masks = sample_masks(prior, fixed, module_index, 0.2, 3, generator=gen(0))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.2, 3, generator=gen(0))
     assert (~masks[:, :10]).sum(dim=1).tolist() == [2] * 6
     assert (~masks[:, 10:]).sum(dim=1).tolist() == [2] * 6
 
@@ -215,7 +220,7 @@ def test_removal_frequency_is_proportional_to_the_gap_from_the_max():
     module_index = torch.zeros(10, dtype=torch.long)
     fixed = torch.zeros(10, dtype=torch.bool)
     n_pairs = 4000
-    masks = sample_masks(prior, fixed, module_index, 0.1, n_pairs, generator=gen(0))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.1, n_pairs, generator=gen(0))
     frequency = removal_frequency(masks)  # (10,)
     expected = removal_weights(prior) / removal_weights(prior).sum()
     sigma = (expected * (1 - expected) / n_pairs).sqrt()
@@ -228,7 +233,7 @@ def test_the_gap_is_measured_from_the_best_candidate_not_the_best_unit():
     prior = torch.cat([torch.arange(10, dtype=torch.float64), torch.full((10,), 1000.0)])
     module_index = torch.zeros(20, dtype=torch.long)
     fixed = prior > 100
-    masks = sample_masks(prior, fixed, module_index, 0.05, 2000, generator=gen(2))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.05, 2000, generator=gen(2))
     frequency = removal_frequency(masks)  # k = 1 of the 10 candidates per first mask
     assert frequency[9] < 0.001
     assert frequency[0] == pytest.approx(9 / 45, abs=0.03)
@@ -238,7 +243,7 @@ def test_uniform_prior_samples_candidates_uniformly():
     prior = torch.ones(20, dtype=torch.float64)
     module_index = torch.zeros(20, dtype=torch.long)
     fixed = torch.zeros(20, dtype=torch.bool)
-    masks = sample_masks(prior, fixed, module_index, 0.25, 2000, generator=gen(5))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.25, 2000, generator=gen(5))
     expected = torch.full((20,), 0.25, dtype=torch.float64)
     assert torch.allclose(removal_frequency(masks), expected, atol=0.04)
 
@@ -311,5 +316,62 @@ def test_both_masks_of_a_pair_remove_round_f_n_at_a_decimal_half():
     prior = torch.rand(90, generator=gen(0), dtype=torch.float64)
     module_index = torch.zeros(90, dtype=torch.long)
     fixed = fixed_units(prior, module_index, 0.35)
-    masks = sample_masks(prior, fixed, module_index, 0.35, 2, generator=gen(0))
+    masks = fixed_count_masks(prior, fixed, module_index, 0.35, 2, generator=gen(0))
     assert (~masks).sum(dim=1).tolist() == [exact_removals(90, 0.35)] * 4
+
+
+# --- varied removal counts (the default) -----------------------------------------------------
+
+
+def test_varied_counts_span_zero_to_every_candidate_with_mean_half():
+    prior, module_index = layout()
+    fixed = fixed_units(prior, module_index, 0.2)
+    masks = sample_masks(prior, fixed, module_index, 0.2, 2000, generator=gen(0))
+    for module in range(len(SIZES)):
+        candidates = (module_index == module) & ~fixed
+        c = int(candidates.sum())
+        removed = (~masks[0::2][:, module_index == module]).sum(dim=1)  # (P,)
+        assert set(removed.tolist()) == set(range(c + 1)), module  # every count 0..c occurs
+        assert float(removed.double().mean()) == pytest.approx(c / 2, abs=0.1 * c + 0.1)
+        partner = (~masks[1::2][:, module_index == module]).sum(dim=1)
+        assert torch.equal(removed + partner, torch.full_like(removed, c))
+
+
+def test_varied_counts_are_drawn_per_module_not_once_per_mask():
+    prior, module_index = layout((40, 40))
+    fixed = fixed_units(prior, module_index, 0.25)
+    masks = sample_masks(prior, fixed, module_index, 0.25, 500, generator=gen(1))
+    a = (~masks[0::2][:, module_index == 0]).sum(dim=1).double()
+    b = (~masks[0::2][:, module_index == 1]).sum(dim=1).double()
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.15
+
+
+@pytest.mark.parametrize("removal_counts", ["fixed", "varied"])
+def test_both_modes_keep_fixed_units_complement_pairs_and_follow_the_prior(removal_counts):
+    prior, module_index = layout((40, 40))
+    fixed = fixed_units(prior, module_index, 0.25)
+    masks = sample_masks(
+        prior, fixed, module_index, 0.25, 1000, generator=gen(2), removal_counts=removal_counts
+    )
+    assert bool(masks[:, fixed].all())
+    assert torch.equal(masks[0::2][:, ~fixed], ~masks[1::2][:, ~fixed])
+    frequency = removal_frequency(masks)
+    for module in (0, 1):
+        candidates = (module_index == module) & ~fixed
+        rho = spearmanr(prior[candidates].numpy(), frequency[candidates].numpy()).statistic
+        assert rho < -0.9
+
+
+def test_varied_masks_depend_only_on_the_generator():
+    prior, module_index = layout()
+    fixed = fixed_units(prior, module_index, 0.2)
+    first = sample_masks(prior, fixed, module_index, 0.2, 8, generator=gen(3))
+    assert torch.equal(first, sample_masks(prior, fixed, module_index, 0.2, 8, generator=gen(3)))
+    assert not torch.equal(first, sample_masks(prior, fixed, module_index, 0.2, 8, generator=gen(4)))
+
+
+def test_unknown_removal_counts_is_rejected():
+    prior, module_index = layout()
+    fixed = torch.zeros(len(prior), dtype=torch.bool)
+    with pytest.raises(ValueError, match="removal_counts"):
+        sample_masks(prior, fixed, module_index, 0.2, 2, generator=gen(0), removal_counts="some")

@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--units", default="both", choices=["both", "heads", "neurons"])
     p.add_argument("--regression", default="ridge", choices=["ridge", "lasso"])
     p.add_argument(
+        "--removal-counts",
+        default=DEFAULTS.removal_counts,
+        choices=["varied", "fixed"],
+        help="units each sampled sub-model removes per module: varied (0 to all candidates, "
+        "lets the regression compare modules) or fixed (Bonsai's round(f*n))",
+    )
+    p.add_argument(
         "--allow-empty-modules", action="store_true", help="an MLP may lose all its neurons"
     )
     p.add_argument("--tolerance", type=float, default=DEFAULTS.tolerance)
@@ -202,6 +209,7 @@ def _cmd_prune(args) -> int:
         prior=args.prior,
         units=args.units,
         regression=args.regression,
+        removal_counts=args.removal_counts,
         allow_empty_modules=args.allow_empty_modules,
         tolerance=args.tolerance,
         data=args.data,

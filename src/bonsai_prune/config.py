@@ -99,6 +99,9 @@ class PruneConfig(_JsonConfig):
     prior: str = "wanda"
     units: str = "both"
     regression: str = "ridge"
+    # units a sampled mask removes per module: "varied" (0..all candidates, so modules can be
+    # compared) or "fixed" (Bonsai's round(f * n)); see sampling.py
+    removal_counts: str = "varied"
     allow_empty_modules: bool = False  # an MLP may lose all its neurons only if True
     tolerance: float = 0.005  # stop when sparsity is within this of the target
     data: str | None = None  # JSONL of question/answer lines; None = packaged GSM8K train
@@ -124,6 +127,9 @@ class PruneConfig(_JsonConfig):
 
         _check_choice("method", self.method, ("bonsai", *METHODS.names()))
         _check_choice("regression", self.regression, REGRESSIONS)
+        from .sampling import REMOVAL_COUNTS
+
+        _check_choice("removal counts", self.removal_counts, REMOVAL_COUNTS)
         if not 0 < self.tolerance < self.sparsity:
             raise ConfigError(f"tolerance must be in (0, sparsity), got {self.tolerance}")
         if isinstance(self.utility, dict):

@@ -204,7 +204,13 @@ def run_round(
     lap("prior")
 
     masks = sample_masks(
-        prior, fixed, module_index, fraction, config.masks_per_round // 2, generator=generator
+        prior,
+        fixed,
+        module_index,
+        fraction,
+        config.masks_per_round // 2,
+        generator=generator,
+        removal_counts=config.removal_counts,
     )  # (N, U) bool
     lap("sampling")
 

@@ -1,12 +1,24 @@
 """Sampling sub-models: antithetic pairs of keep masks over a round's candidate units.
 
-The first mask of a pair removes ``k = round(f * n)`` units of every module (n counts the
-module's units, fixed ones included), drawn without replacement from the module's candidates
-with probability proportional to ``max(prior) - prior + eps`` over those candidates: units the
-prior rates low are perturbed more often, yet every candidate can be drawn. Its partner
-removes exactly the candidates the first kept and keeps the ones it removed. Each candidate is
-thus present in exactly one mask of the pair, which balances the regression's design and
-cancels much of the sampling noise for the same number of evaluations.
+The first mask of a pair removes ``k`` units of every module, drawn without replacement from
+the module's candidates with probability proportional to ``max(prior) - prior + eps`` over
+those candidates: units the prior rates low are perturbed more often, yet every candidate can
+be drawn. Its partner removes exactly the candidates the first kept and keeps the ones it
+removed. Each candidate is thus present in exactly one mask of the pair, which balances the
+regression's design and cancels much of the sampling noise for the same number of evaluations.
+
+How many units ``k`` a mask removes from a module (``removal_counts``):
+
+- ``"fixed"`` (Bonsai's): ``k = round(f * n)`` for every mask (n counts the module's units,
+  fixed ones included). Every mask then removes the same number of units from a module, so
+  the regression cannot tell a module whose units all matter from one whose units matter
+  little: adding a constant to all of a module's betas changes no prediction, and the global
+  selection ends up cutting every layer by about the same amount.
+- ``"varied"`` (default): ``k`` is drawn uniformly from ``0..c`` (c candidates, mean ``c / 2``,
+  which is ``round(f * n)`` when the priors leave ``2 round(f n)`` candidates) independently for
+  each pair and module. The totals per module now vary from mask to mask, so the regression
+  also learns which *modules* the utility depends on, and selection can cut the layers that
+  matter least harder than the others.
 
 Paper: Dery et al., "Everybody Prune Now", https://arxiv.org/abs/2402.05406 (section 3.2).
 """
@@ -18,6 +30,7 @@ import torch
 from .priors import units_to_remove
 
 EPSILON = 1e-6  # sampling-weight floor, relative to the module's largest gap (or to 1)
+REMOVAL_COUNTS = ("varied", "fixed")
 
 
 def removal_weights(prior: torch.Tensor) -> torch.Tensor:
@@ -51,17 +64,23 @@ def sample_masks(
     n_pairs: int,
     *,
     generator: torch.Generator,
+    removal_counts: str = "varied",
 ) -> torch.Tensor:
     """Keep masks (2 * n_pairs, U) bool, True = keep; rows 2i and 2i+1 are an antithetic pair.
 
     prior (U,): higher = more important; fixed (U,) bool: units kept in every mask (see
     ``priors.fixed_units``); module_index (U,) long: each unit's module; prune_fraction: f in
-    [0, 1]; generator: a CPU generator, the only source of randomness.
+    [0, 1]; generator: a CPU generator, the only source of randomness; removal_counts:
+    "fixed" or "varied" (see the module docstring).
 
     Fixed units are kept in every mask; modules without candidates are untouched. Row 2i
-    removes ``removals_per_module(...)`` candidates per module; row 2i+1 removes the rest of
-    the module's candidates (the same number when the module has ``2k`` candidates).
+    removes ``removals_per_module(...)`` candidates per module ("fixed") or a uniform draw
+    from 0 to all of them ("varied"); row 2i+1 removes the rest of the module's candidates.
     """
+    if removal_counts not in REMOVAL_COUNTS:
+        raise ValueError(
+            f"unknown removal_counts {removal_counts!r}; choose one of: {', '.join(REMOVAL_COUNTS)}"
+        )
     if not 0.0 <= prune_fraction <= 1.0:
         raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction}")
     if n_pairs < 0:
@@ -85,10 +104,29 @@ def sample_masks(
         if k == 0:
             continue
         weights = removal_weights(prior[candidates]).expand(n_pairs, -1)  # (P, c)
-        # each row draws k distinct candidates; rows are independent pairs
-        drawn = torch.multinomial(weights, k, replacement=False, generator=generator)  # (P, k)
         first = torch.ones((n_pairs, candidates.numel()), dtype=torch.bool)  # (P, c)
-        first.scatter_(1, drawn, False)
+        if removal_counts == "fixed":
+            # each row draws k distinct candidates; rows are independent pairs
+            drawn = torch.multinomial(weights, k, replacement=False, generator=generator)
+            first.scatter_(1, drawn, False)  # drawn: (P, k)
+        else:
+            first = _varied_first_masks(weights, generator)
         masks[0::2, candidates] = first
         masks[1::2, candidates] = ~first  # the antithetic partner, within the candidates
     return masks
+
+
+def _varied_first_masks(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Keep masks (P, c) over one module's candidates, row p removing a uniform 0..c of them.
+
+    A weighted draw of all c candidates without replacement is a weighted random order; its
+    first k entries are distributed exactly as a weighted draw of k, so one order per row
+    serves every k.
+    """
+    n_pairs, n_candidates = weights.shape
+    order = torch.multinomial(weights, n_candidates, replacement=False, generator=generator)
+    counts = torch.randint(0, n_candidates + 1, (n_pairs, 1), generator=generator)  # (P, 1)
+    removed = torch.arange(n_candidates)[None, :] < counts  # (P, c) by position in the order
+    first = torch.ones((n_pairs, n_candidates), dtype=torch.bool)
+    first.scatter_(1, order, ~removed)
+    return first

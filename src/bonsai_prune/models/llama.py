@@ -203,6 +203,8 @@ class LlamaAdapter:
         """Scale head outputs and neuron activations by ``keep`` (U,) or (B, U) inside the block."""
         layout = self.layout(model)
         keep = keep if keep.dim() == 2 else keep[None]  # (B, U)
+        # one host-to-device copy here, not one per hook call and decode step
+        keep = keep.to(self._layers(model)[0].mlp.down_proj.weight.device)
         handles = []
         try:
             for module, mask in layout.split(keep):
