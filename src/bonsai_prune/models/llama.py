@@ -62,10 +62,11 @@ def _slice_linear(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
     if rows is not None:
+        rows = rows.to(weight.device)  # index_select wants the index where the weight is
         weight = weight.index_select(0, rows)
         bias = bias.index_select(0, rows) if bias is not None else None
     if cols is not None:
-        weight = weight.index_select(1, cols)
+        weight = weight.index_select(1, cols.to(weight.device))
     new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     new.weight = nn.Parameter(weight.clone(), requires_grad=False)
     if bias is not None:

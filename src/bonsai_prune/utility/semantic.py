@@ -33,12 +33,13 @@ class SemanticScorer:
     sub-model.
 
     Args:
-        device: where the embedding model runs; "cpu" by default so it never competes with the
-            pruned model for accelerator memory.
+        device: where the embedding model runs; default: CUDA when a GPU is visible (the model
+            is 90 MB; on the CPU, embedding a 1,319-problem evaluation takes longer than
+            generating it on a GPU), else the CPU.
     """
 
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = device
+    def __init__(self, device: str | None = None) -> None:
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._model: SentenceTransformer | None = None
         self._reference_cache: dict[str, torch.Tensor] = {}  # text -> (EMBEDDING_DIM,)
 
