@@ -20,7 +20,7 @@ from bonsai_prune.experiments import (
     parse_grid,
     run_experiment,
 )
-from bonsai_prune.report import write_report
+from bonsai_prune.report import paired_difference, write_report
 
 EVAL = {"limit": 2, "max_new_tokens": 4, "batch_size": 2, "n_bootstrap": 50}
 BASE = {"masks_per_round": 4, "calib_samples": 2, "tolerance": 0.01}
@@ -185,6 +185,28 @@ def test_the_shipped_study_parses():
     assert len(g.unique_cells()) == 32
 
 
+@pytest.mark.parametrize("name", ["grid-session.yaml", "grid-gpu.yaml"])
+def test_the_other_shipped_grids_parse_with_every_main_method(name):
+    g = load_grid(Path(__file__).parents[1] / "results" / name)
+    main = {(c.label, c.prune_config.sparsity) for c in g.cells if c.group == "main"}
+    methods = {"random", "magnitude", "wanda", "finercut", "bonsai+perplexity"}
+    for sparsity in (0.2, 0.35, 0.5):
+        for method in (*methods, "bonsai+comprehensive"):
+            assert (method, sparsity) in main
+    assert "ablation: removal counts" in {c.group for c in g.cells}
+
+
+def test_paired_difference_is_the_mean_per_item_difference_with_a_tight_ci():
+    # b is a plus 1 with a little noise; a spans a wide range, so unpaired CIs would overlap
+    a = [float(v) for v in range(0, 100, 2)]
+    b = [v + 1.0 + (0.1 if i % 2 else -0.1) for i, v in enumerate(a)]
+    mean, low, high = paired_difference(b, a, 500, 0)
+    assert mean == pytest.approx(1.0) and 0.9 < low <= mean <= high < 1.1
+    assert paired_difference([1.0, None, 3.0], [0.0, 5.0, None], 100, 0)[0] == pytest.approx(1.0)
+    assert paired_difference([1.0, 2.0], [1.0], 100, 0) is None  # not the same problems
+    assert paired_difference([None], [1.0], 100, 0) is None
+
+
 # ---- running on a tiny random Llama ------------------------------------------------------------
 
 
@@ -258,6 +280,9 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     assert "| dense | – |" in report and "| **bonsai+perplexity** | mean of 2 |" in report
     assert "## Ablation: units" in report and "failed: PruningError" in report
     assert "the first 2 problems of GSM8K test" in report and "torch " in report
+    assert "Paired differences from **random** (seed 0) on the same 2 problems" in report
+    # one paired row (seed 0 only) of signed differences, besides the two seed rows
+    assert len(re.findall(r"\| bonsai\+perplexity \| [+-]\d", report)) == 1
     for name in ("accuracy", "udagger", "perplexity"):
         assert (out / f"{name}_vs_sparsity.png").stat().st_size > 1000
     assert (out / "layers_0.1.png").is_file() and (out / "layers_0.2.png").is_file()

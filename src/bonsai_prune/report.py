@@ -8,6 +8,7 @@ Plots are drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas, no pyp
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 from collections.abc import Callable
@@ -21,11 +22,19 @@ from .experiments import (
     CellRecord,
     ExperimentResult,
     Grid,
+    cell_dir,
     read_cell,
 )
 from .utility.weights import format_weights
 
 PLOT_DPI = 120
+# Paired comparisons: per-problem figures read from each cell's eval/generations.jsonl.
+# (key in a generation record, header, scale, format)
+PAIRED_METRICS: tuple[tuple[str, str, float, str], ...] = (
+    ("u_dagger", "Δ U†", 1.0, "+.1f"),
+    ("reference_nll", "Δ ref. NLL (nats/token)", 1.0, "+.3f"),
+    ("accuracy_strict", "Δ strict acc. (points)", 100.0, "+.1f"),
+)
 # One table column per figure: (header, value of a done record, format of a number).
 COLUMNS: tuple[tuple[str, Callable[[CellRecord], float | None], str], ...] = (
     ("strict acc. % [95% CI]", lambda r: _scaled(r.summary.get("accuracy_strict"), 100), ".1f"),
@@ -66,6 +75,7 @@ def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = N
         for sparsity in sorted({c.prune_config.sparsity for c in cells}):
             at = [c for c in cells if c.prune_config.sparsity == sparsity]
             lines += ["", f"### Sparsity {sparsity:g}", "", *_table(at, records, dense)]
+            lines += _paired_table(grid, at, records)
     layer_plots = [name for name in plots if name.startswith("layers_")]
     if layer_plots:
         lines += ["", "## Kept units per layer (main methods, first seed)", ""]
@@ -144,6 +154,82 @@ def _row(label: str, seed: str, record: CellRecord) -> str:
     reached = 0.0 if record.dense else (record.prune_report or {}).get("sparsity")
     sparsity = _scaled(reached, 100)
     return "| " + " | ".join([label, seed, *cells, _fmt(sparsity, ".1f")]) + " |"
+
+
+def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
+    """Each method minus the group's first method, problem by problem, with bootstrap CIs.
+
+    Every model answers the same problems, so the per-problem difference cancels how hard each
+    problem is: its CI is far narrower than the two separate CIs suggest. First seed of each
+    method; a CI that excludes 0 is a difference the evaluation can see.
+    """
+    first = {}
+    for c in sorted(cells, key=lambda c: c.prune_config.seed):
+        first.setdefault(c.label, c)
+    if len(first) < 2:
+        return []
+    reference, *others = first.values()
+    base = _per_problem(grid, records[reference.key])
+    if base is None:
+        return []
+    e = grid.eval_config
+    headers = ["method", *(h for _, h, _, _ in PAIRED_METRICS)]
+    lines = [
+        "",
+        f"Paired differences from **{reference.label}** (seed {reference.prune_config.seed}) "
+        f"on the same {len(base)} problems, mean [95% CI]; lower NLL is better:",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
+    for cell in others:
+        rows = _per_problem(grid, records[cell.key])
+        texts = [cell.label]
+        for key, _, scale, fmt in PAIRED_METRICS:
+            diff = (
+                None
+                if rows is None
+                else paired_difference(
+                    [r.get(key) for r in rows], [r.get(key) for r in base], e.n_bootstrap, e.seed
+                )
+            )
+            texts.append(
+                "n/a"
+                if diff is None
+                else f"{scale * diff[0]:{fmt}} [{scale * diff[1]:{fmt}}, {scale * diff[2]:{fmt}}]"
+            )
+        lines.append("| " + " | ".join(texts) + " |")
+    return lines
+
+
+def paired_difference(
+    values: list[float | None], baseline: list[float | None], n_resamples: int, seed: int
+) -> tuple[float, float, float] | None:
+    """Mean of ``values[i] - baseline[i]`` and its percentile-bootstrap 95% CI.
+
+    Items where either side is missing (None) are left out; None if no item is left or the
+    lists are not the same problems (different lengths).
+    """
+    from .evaluate import bootstrap_ci
+
+    if len(values) != len(baseline):
+        return None
+    diffs = [
+        a - b for a, b in zip(values, baseline, strict=True) if a is not None and b is not None
+    ]
+    if not diffs:
+        return None
+    low, high = bootstrap_ci(diffs, n_resamples, seed)
+    return statistics.fmean(diffs), low, high
+
+
+def _per_problem(grid: Grid, record: CellRecord) -> list[dict] | None:
+    """The evaluation's per-problem records (generations.jsonl), or None if not there."""
+    path = cell_dir(grid, record.key) / "eval" / "generations.jsonl"
+    if not record.done or not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 def _mean_row(label: str, records: list[CellRecord]) -> str:
