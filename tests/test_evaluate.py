@@ -1,4 +1,4 @@
-"""Evaluation: the bootstrap on hand-made data, config checks, and a run on a tiny random Llama."""
+"""Evaluation: config checks, token counting, and a run on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -14,46 +14,12 @@ from bonsai_prune.errors import ConfigError
 from bonsai_prune.evaluate import (
     EvalConfig,
     _count_new_tokens,
-    bootstrap_ci,
     evaluate,
     format_summary,
     generate_solutions,
 )
 
 TINY_WEIGHTS = {"acc": 50, "lex": 50, "sem": 0}  # sem=0: no embedding model is loaded
-
-
-# --- bootstrap_ci -------------------------------------------------------------------------------
-
-
-def test_bootstrap_of_constant_values_is_a_point():
-    assert bootstrap_ci([1.0] * 20, n_resamples=200, seed=0) == (1.0, 1.0)
-
-
-def test_bootstrap_of_a_fair_coin_covers_half_and_shrinks_with_n():
-    small = bootstrap_ci([0.0, 1.0] * 20, n_resamples=2000, seed=0)  # n = 40
-    large = bootstrap_ci([0.0, 1.0] * 500, n_resamples=2000, seed=0)  # n = 1000
-    for low, high in (small, large):
-        assert 0.0 <= low < 0.5 < high <= 1.0
-    assert large[1] - large[0] < small[1] - small[0]
-    # the binomial standard error at n=40 is 0.079: a 95% interval is about 0.31 wide
-    assert small[1] - small[0] == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 40), abs=0.06)
-
-
-def test_bootstrap_is_reproducible_and_narrows_with_lower_level():
-    values = [0.0, 0.0, 1.0, 0.5, 0.25, 1.0, 0.0, 0.75]
-    assert bootstrap_ci(values, 500, seed=3) == bootstrap_ci(values, 500, seed=3)
-    wide = bootstrap_ci(values, 500, seed=3, level=0.95)
-    narrow = bootstrap_ci(values, 500, seed=3, level=0.5)
-    assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
-
-
-@pytest.mark.parametrize(
-    "values, n_resamples, level", [([], 10, 0.95), ([1.0], 0, 0.95), ([1.0], 10, 1.0)]
-)
-def test_bootstrap_rejects_bad_arguments(values, n_resamples, level):
-    with pytest.raises(ValueError):
-        bootstrap_ci(values, n_resamples, seed=0, level=level)
 
 
 # --- EvalConfig ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from bonsai_prune.experiments import (
     parse_grid,
     run_experiment,
 )
-from bonsai_prune.report import paired_difference, write_report
+from bonsai_prune.report import write_report
 
 EVAL = {"limit": 2, "max_new_tokens": 4, "batch_size": 2, "n_bootstrap": 50}
 BASE = {"masks_per_round": 4, "calib_samples": 2, "tolerance": 0.01}
@@ -194,17 +194,6 @@ def test_the_other_shipped_grids_parse_with_every_main_method(name):
         for method in (*methods, "bonsai+comprehensive"):
             assert (method, sparsity) in main
     assert "ablation: removal counts" in {c.group for c in g.cells}
-
-
-def test_paired_difference_is_the_mean_per_item_difference_with_a_tight_ci():
-    # b is a plus 1 with a little noise; a spans a wide range, so unpaired CIs would overlap
-    a = [float(v) for v in range(0, 100, 2)]
-    b = [v + 1.0 + (0.1 if i % 2 else -0.1) for i, v in enumerate(a)]
-    mean, low, high = paired_difference(b, a, 500, 0)
-    assert mean == pytest.approx(1.0) and 0.9 < low <= mean <= high < 1.1
-    assert paired_difference([1.0, None, 3.0], [0.0, 5.0, None], 100, 0)[0] == pytest.approx(1.0)
-    assert paired_difference([1.0, 2.0], [1.0], 100, 0) is None  # not the same problems
-    assert paired_difference([None], [1.0], 100, 0) is None
 
 
 # ---- running on a tiny random Llama ------------------------------------------------------------

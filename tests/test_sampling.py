@@ -367,7 +367,9 @@ def test_varied_masks_depend_only_on_the_generator():
     fixed = fixed_units(prior, module_index, 0.2)
     first = sample_masks(prior, fixed, module_index, 0.2, 8, generator=gen(3))
     assert torch.equal(first, sample_masks(prior, fixed, module_index, 0.2, 8, generator=gen(3)))
-    assert not torch.equal(first, sample_masks(prior, fixed, module_index, 0.2, 8, generator=gen(4)))
+    assert not torch.equal(
+        first, sample_masks(prior, fixed, module_index, 0.2, 8, generator=gen(4))
+    )
 
 
 def test_unknown_removal_counts_is_rejected():

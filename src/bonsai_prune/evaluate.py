@@ -29,12 +29,12 @@ from .models.adapter import adapter_for
 from .models.loading import DEFAULT_MODEL, DTYPES, load_model, packaged_gguf
 from .prompts import exemplars, format_prompt
 from .scoring import score_texts
+from .stats import CI_LEVEL, bootstrap_ci
 from .utility.base import build_batch, solution_nll
 from .utility.metrics import ACCURACY_RULES, LEXICAL_METRICS
 from .utility.weights import DEFAULT_WEIGHTS, validate_weights
 
 DEVICES = ("cpu", "cuda")
-CI_LEVEL = 0.95
 CI_METRICS = ("accuracy_strict", "accuracy_contains", "u_dagger")
 MEAN_METRICS = ("accuracy_strict", "accuracy_contains", "lexical", "semantic", "u_dagger")
 
@@ -107,30 +107,6 @@ class Generations:
     texts: list[str]
     n_new_tokens: list[int]  # up to and including the first end-of-sequence token
     seconds: float  # time spent inside model.generate
-
-
-def bootstrap_ci(
-    values, n_resamples: int, seed: int, level: float = CI_LEVEL
-) -> tuple[float, float]:
-    """Percentile-bootstrap confidence interval of the mean of ``values``.
-
-    Args:
-        values: (n,) per-item scores, n >= 1.
-        n_resamples: how many resamples of the n items (with replacement) to draw.
-        seed: seeds a numpy Generator, so the interval is reproducible.
-        level: coverage in (0, 1), e.g. 0.95 for the 2.5th and 97.5th percentiles.
-    """
-    values = np.asarray(values, dtype=np.float64)  # (n,)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"need a non-empty 1-d sequence of values, got shape {values.shape}")
-    if n_resamples < 1 or not 0 < level < 1:
-        raise ValueError(f"need n_resamples >= 1 and level in (0, 1), got {n_resamples}, {level}")
-    rng = np.random.default_rng(seed)
-    index = rng.integers(0, values.size, size=(n_resamples, values.size))  # (R, n)
-    means = values[index].mean(axis=1)  # (R,)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
-    return float(low), float(high)
 
 
 def first_problems(split: str, limit: int | None) -> list[Problem]:

@@ -3,13 +3,13 @@
 Every figure is read from ``OUT/cells/*/`` (eval/summary.json, run/report.json), never from
 memory, so ``write_report(load_grid(path))`` rebuilds the report after any run, partial or
 complete. Cells not run yet or failed appear as such rather than vanishing from the tables.
-Plots are drawn on :class:`matplotlib.figure.Figure` objects (Agg canvas, no pyplot state).
+The plots are drawn by :mod:`bonsai_prune.plots`; confidence intervals come from
+:mod:`bonsai_prune.stats`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -25,9 +25,10 @@ from .experiments import (
     cell_dir,
     read_cell,
 )
+from .plots import plot_main
+from .stats import paired_difference
 from .utility.weights import format_weights
 
-PLOT_DPI = 120
 # Paired comparisons: per-problem figures read from each cell's eval/generations.jsonl.
 # (key in a generation record, header, scale, format)
 PAIRED_METRICS: tuple[tuple[str, str, float, str], ...] = (
@@ -61,7 +62,7 @@ def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = N
     dense = records[grid.dense_key]
     lines = _header(grid, records, source)
     main = [c for c in grid.cells if c.group == MAIN_GROUP]
-    plots = _plot_main(out, main, records, dense)
+    plots = plot_main(out, main, records, dense)
     for group in dict.fromkeys([MAIN_GROUP, *(c.group for c in grid.cells)]):
         cells = [c for c in grid.cells if c.group == group]
         if not cells:
@@ -202,27 +203,6 @@ def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord])
     return lines
 
 
-def paired_difference(
-    values: list[float | None], baseline: list[float | None], n_resamples: int, seed: int
-) -> tuple[float, float, float] | None:
-    """Mean of ``values[i] - baseline[i]`` and its percentile-bootstrap 95% CI.
-
-    Items where either side is missing (None) are left out; None if no item is left or the
-    lists are not the same problems (different lengths).
-    """
-    from .evaluate import bootstrap_ci
-
-    if len(values) != len(baseline):
-        return None
-    diffs = [
-        a - b for a, b in zip(values, baseline, strict=True) if a is not None and b is not None
-    ]
-    if not diffs:
-        return None
-    low, high = bootstrap_ci(diffs, n_resamples, seed)
-    return statistics.fmean(diffs), low, high
-
-
 def _per_problem(grid: Grid, record: CellRecord) -> list[dict] | None:
     """The evaluation's per-problem records (generations.jsonl), or None if not there."""
     path = cell_dir(grid, record.key) / "eval" / "generations.jsonl"
@@ -299,128 +279,3 @@ def _short(text: str, limit: int = 90) -> str:
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
-# ---- plots -------------------------------------------------------------------------------------
-
-
-def _plot_main(
-    out: Path, cells: list[Cell], records: dict[str, CellRecord], dense: CellRecord
-) -> list[str]:
-    """The main group's plots; returns the names of the files written."""
-    series = _series(cells, records)
-    if not series:
-        return []
-    written = []
-    for name, key, scale, ylabel in (
-        ("accuracy_vs_sparsity.png", "accuracy_strict", 100, "GSM8K strict accuracy (%)"),
-        ("udagger_vs_sparsity.png", "u_dagger", 1, "U† (0-100)"),
-        ("perplexity_vs_sparsity.png", "reference_perplexity", 1, "reference perplexity (log)"),
-    ):
-        _metric_plot(out / name, series, dense, key, scale, ylabel)
-        written.append(name)
-    for sparsity in sorted({s for points in series.values() for s in points}):
-        name = f"layers_{sparsity:g}.png"
-        if _layers_plot(out / name, series, dense, sparsity):
-            written.append(name)
-    return written
-
-
-def _series(cells: list[Cell], records) -> dict[str, dict[float, list[CellRecord]]]:
-    """label -> sparsity -> the done records of its seeds (seed order)."""
-    series: dict[str, dict[float, list[CellRecord]]] = {}
-    for c in sorted(cells, key=lambda c: c.prune_config.seed):
-        if records[c.key].done:
-            points = series.setdefault(c.label, {})
-            points.setdefault(c.prune_config.sparsity, []).append(records[c.key])
-    return series
-
-
-def _metric_plot(
-    path: Path, series, dense: CellRecord, key: str, scale: float, ylabel: str
-) -> None:
-    """One line per method: the mean over seeds; error bars span the seeds' 95% CIs (their
-    union), or ± the standard deviation over seeds for a metric without a CI."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-    ax = fig.subplots()
-    offsets = _offsets(len(series))
-    for (label, points), offset in zip(series.items(), offsets, strict=True):
-        xs, ys, low, high = [], [], [], []
-        for sparsity in sorted(points):
-            values = [
-                r.summary[key] * scale for r in points[sparsity] if r.summary.get(key) is not None
-            ]
-            if not values:
-                continue
-            mean = statistics.fmean(values)
-            cis = [r.summary.get(f"{key}_ci") for r in points[sparsity]]
-            if all(cis):
-                lo, hi = min(c[0] for c in cis) * scale, max(c[1] for c in cis) * scale
-            else:
-                sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                lo, hi = mean - sd, mean + sd
-            xs.append(sparsity + offset)
-            ys.append(mean)
-            low.append(max(mean - lo, 0.0))
-            high.append(max(hi - mean, 0.0))
-        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
-    if dense.done and dense.summary.get(key) is not None:
-        ax.axhline(dense.summary[key] * scale, color="black", linestyle="--", label=DENSE_LABEL)
-        ci = dense.summary.get(f"{key}_ci")
-        if ci:
-            ax.axhspan(ci[0] * scale, ci[1] * scale, color="black", alpha=0.08)
-    if key == "reference_perplexity":
-        ax.set_yscale("log")
-    else:  # accuracy and U† start at 0 (and an all-zero plot gets a readable scale)
-        ax.set_ylim(0, max(ax.get_ylim()[1], 1.0))
-    ax.set_xlabel("target sparsity (non-embedding parameters removed)")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    _save(fig, path)
-
-
-def _layers_plot(path: Path, series, dense: CellRecord, sparsity: float) -> bool:
-    """FinerCut-style: kept query heads and kept MLP neurons per layer, one line per method."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    lines = {
-        label: points[sparsity][0].structure["layers"]
-        for label, points in series.items()
-        if sparsity in points and points[sparsity][0].structure
-    }
-    if not lines:
-        return False
-    fig = Figure(figsize=(10, 4), layout="constrained")
-    heads_ax, neurons_ax = fig.subplots(1, 2)
-    if dense.structure:
-        lines = {DENSE_LABEL: dense.structure["layers"], **lines}
-    for label, layers in lines.items():
-        style = {"color": "black", "linestyle": "--"} if label == DENSE_LABEL else {"marker": "."}
-        heads_ax.plot([layer["query_heads"] for layer in layers], label=label, **style)
-        neurons_ax.plot([layer["intermediate_size"] for layer in layers], label=label, **style)
-    heads_ax.set_ylabel("kept query heads")
-    neurons_ax.set_ylabel("kept MLP neurons")
-    for ax in (heads_ax, neurons_ax):
-        ax.set_ylim(bottom=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("layer")
-        ax.grid(alpha=0.3)
-    neurons_ax.legend(fontsize="small")
-    fig.suptitle(f"kept units per layer at sparsity {sparsity:g}")
-    _save(fig, path)
-    return True
-
-
-def _offsets(n: int, step: float = 0.004) -> list[float]:
-    """Small x shifts so the error bars of methods at one sparsity do not hide each other."""
-    return [(i - (n - 1) / 2) * step for i in range(n)]
-
-
-def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=PLOT_DPI, format="png")
-    os.replace(tmp, path)

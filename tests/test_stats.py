@@ -1,0 +1,55 @@
+"""Confidence intervals on hand-made data: the bootstrap and paired differences."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bonsai_prune.stats import bootstrap_ci, paired_difference
+
+# --- bootstrap_ci -------------------------------------------------------------------------------
+
+
+def test_bootstrap_of_constant_values_is_a_point():
+    assert bootstrap_ci([1.0] * 20, n_resamples=200, seed=0) == (1.0, 1.0)
+
+
+def test_bootstrap_of_a_fair_coin_covers_half_and_shrinks_with_n():
+    small = bootstrap_ci([0.0, 1.0] * 20, n_resamples=2000, seed=0)  # n = 40
+    large = bootstrap_ci([0.0, 1.0] * 500, n_resamples=2000, seed=0)  # n = 1000
+    for low, high in (small, large):
+        assert 0.0 <= low < 0.5 < high <= 1.0
+    assert large[1] - large[0] < small[1] - small[0]
+    # the binomial standard error at n=40 is 0.079: a 95% interval is about 0.31 wide
+    assert small[1] - small[0] == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 40), abs=0.06)
+
+
+def test_bootstrap_is_reproducible_and_narrows_with_lower_level():
+    values = [0.0, 0.0, 1.0, 0.5, 0.25, 1.0, 0.0, 0.75]
+    assert bootstrap_ci(values, 500, seed=3) == bootstrap_ci(values, 500, seed=3)
+    wide = bootstrap_ci(values, 500, seed=3, level=0.95)
+    narrow = bootstrap_ci(values, 500, seed=3, level=0.5)
+    assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
+
+
+@pytest.mark.parametrize(
+    "values, n_resamples, level", [([], 10, 0.95), ([1.0], 0, 0.95), ([1.0], 10, 1.0)]
+)
+def test_bootstrap_rejects_bad_arguments(values, n_resamples, level):
+    with pytest.raises(ValueError):
+        bootstrap_ci(values, n_resamples, seed=0, level=level)
+
+
+# --- paired_difference ----------------------------------------------------------------------
+
+
+def test_paired_difference_is_the_mean_per_item_difference_with_a_tight_ci():
+    # b is a plus 1 with a little noise; a spans a wide range, so unpaired CIs would overlap
+    a = [float(v) for v in range(0, 100, 2)]
+    b = [v + 1.0 + (0.1 if i % 2 else -0.1) for i, v in enumerate(a)]
+    mean, low, high = paired_difference(b, a, 500, 0)
+    assert mean == pytest.approx(1.0) and 0.9 < low <= mean <= high < 1.1
+    assert paired_difference([1.0, None, 3.0], [0.0, 5.0, None], 100, 0)[0] == pytest.approx(1.0)
+    assert paired_difference([1.0, 2.0], [1.0], 100, 0) is None  # not the same problems
+    assert paired_difference([None], [1.0], 100, 0) is None
