@@ -122,7 +122,9 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         "",
         "Rows with several seeds give mean ± sample standard deviation over seeds, then each seed. "
         "Parameters exclude the embeddings and the tied LM head; the sparsity column is the one "
-        "reached. `prune s` is the wall time of the prune call (after a resume, its last part).",
+        "reached. `prune s` is the wall time of the prune call (after a resume, its last part). "
+        "`decode tok/s` is what each evaluation measured while it ran: on a shared machine it "
+        "reflects the load as much as the model (`bonsai-prune bench` measures speed-ups).",
     ]
     return lines
 
@@ -178,7 +180,9 @@ def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord])
     lines = [
         "",
         f"Paired differences from **{reference.label}** (seed {reference.prune_config.seed}) "
-        f"on the same {len(base)} problems, mean [95% CI]; lower NLL is better:",
+        f"on the same {len(base)} problems, mean [95% CI]; lower NLL is better. The CI covers "
+        "which problems were drawn, not the pruning run's own randomness: set it beside the "
+        "spread over seeds above.",
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "---|" * len(headers),
