@@ -33,24 +33,39 @@ def synthetic_round(
     if design == "bernoulli":
         masks = torch.rand(N_MASKS, N_UNITS, generator=generator) < 0.5  # (200, 40)
     else:
-        masks = sample_masks(
-            torch.ones(N_UNITS),
-            torch.zeros(N_UNITS, dtype=torch.bool),
-            MODULE_INDEX,
-            0.5,
-            N_MASKS // 2,
-            generator=generator,
-            removal_counts=design,
-        )  # (200, 40)
+        masks = sampled_masks(design, generator)
+    return masks, noisy_utility(masks, true_beta, generator), true_beta
+
+
+def sampled_masks(removal_counts: str, generator: torch.Generator) -> torch.Tensor:
+    """(200, 40) masks from the project's sampler: uniform prior, no fixed unit, f = 0.5."""
+    return sample_masks(
+        torch.ones(N_UNITS),
+        torch.zeros(N_UNITS, dtype=torch.bool),
+        MODULE_INDEX,
+        0.5,
+        N_MASKS // 2,
+        generator=generator,
+        removal_counts=removal_counts,
+    )
+
+
+def noisy_utility(
+    masks: torch.Tensor, true_beta: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """(200,) utility = 3 + masks @ beta + N(0, NOISE^2)."""
     noise = NOISE * torch.randn(N_MASKS, generator=generator, dtype=torch.float64)
-    scores = 3.0 + masks.double() @ true_beta + noise  # (200,)
-    return masks, scores, true_beta
+    return 3.0 + masks.double() @ true_beta + noise
+
+
+def module_means(beta: torch.Tensor) -> torch.Tensor:
+    """(2,) mean beta of each module: what a fixed-count design cannot identify."""
+    return torch.stack([beta[MODULE_INDEX == m].mean() for m in (0, 1)])
 
 
 def centred_per_module(beta: torch.Tensor) -> torch.Tensor:
     """beta (40,) minus its module's mean: the part a fixed-count design identifies."""
-    means = torch.stack([beta[MODULE_INDEX == m].mean() for m in (0, 1)])  # (2,)
-    return beta - means[MODULE_INDEX]
+    return beta - module_means(beta)[MODULE_INDEX]
 
 
 # --- recovery -------------------------------------------------------------------------------
@@ -95,11 +110,6 @@ def test_recovers_within_module_importances_from_antithetic_masks(method: str):
     assert 0 < fit.cv_error < 2 * NOISE**2
 
 
-def module_means(beta: torch.Tensor) -> torch.Tensor:
-    """(2,) mean beta of each module: what a fixed-count design cannot identify."""
-    return torch.stack([beta[MODULE_INDEX == m].mean() for m in (0, 1)])
-
-
 def test_varied_counts_identify_which_module_matters_and_fixed_counts_do_not():
     # module 1's units matter far more than module 0's: a selection that compares modules
     # must see it. Fixed counts centre each module's betas; varied counts recover the truth.
@@ -108,17 +118,8 @@ def test_varied_counts_identify_which_module_matters_and_fixed_counts_do_not():
     true_beta += 0.05 * torch.randn(N_UNITS, generator=generator, dtype=torch.float64)
     gaps = {}
     for design in ("fixed", "varied"):
-        masks = sample_masks(
-            torch.ones(N_UNITS),
-            torch.zeros(N_UNITS, dtype=torch.bool),
-            MODULE_INDEX,
-            0.5,
-            N_MASKS // 2,
-            generator=generator,
-            removal_counts=design,
-        )
-        noise = NOISE * torch.randn(N_MASKS, generator=generator, dtype=torch.float64)
-        fit = fit_importance(masks, 3.0 + masks.double() @ true_beta + noise)
+        masks = sampled_masks(design, generator)
+        fit = fit_importance(masks, noisy_utility(masks, true_beta, generator))
         means = module_means(fit.beta)
         gaps[design] = float(means[1] - means[0])
     assert abs(gaps["fixed"]) < 0.2  # true gap 0.9: invisible to the fixed-count design

@@ -104,10 +104,10 @@ def sample_masks(
         if k == 0:
             continue
         weights = removal_weights(prior[candidates]).expand(n_pairs, -1)  # (P, c)
-        first = torch.ones((n_pairs, candidates.numel()), dtype=torch.bool)  # (P, c)
         if removal_counts == "fixed":
             # each row draws k distinct candidates; rows are independent pairs
             drawn = torch.multinomial(weights, k, replacement=False, generator=generator)
+            first = torch.ones((n_pairs, candidates.numel()), dtype=torch.bool)  # (P, c)
             first.scatter_(1, drawn, False)  # drawn: (P, k)
         else:
             first = _varied_first_masks(weights, generator)

@@ -205,7 +205,7 @@ class LlamaAdapter:
         layout = self.layout(model)
         keep = keep if keep.dim() == 2 else keep[None]  # (B, U)
         # one host-to-device copy here, not one per hook call and decode step
-        keep = keep.to(self._layers(model)[0].mlp.down_proj.weight.device)
+        keep = keep.to(next(model.parameters()).device)
         handles = []
         try:
             for module, mask in layout.split(keep):
