@@ -28,9 +28,28 @@ def tiny_llama(seed: int = 0, layers: int = 2):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_llama_for(tokenizer, seed: int = 0, layers: int = 2):
+    """:func:`tiny_llama` with the embedding resized to ``tokenizer``'s vocabulary."""
+    model = tiny_llama(seed, layers)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return model
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_dir):
+    """The packaged model's tokenizer (real vocabulary and chat template), left-padding."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
 
 
 @pytest.fixture(scope="session")

@@ -123,7 +123,7 @@ def test_stats_give_one_prior_value_per_unit():
 def test_slice_then_save_and_reload_generates_the_same(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
-    from bonsai_prune.io import load_pruned, save_model
+    from bonsai_prune.models.pruned import load_pruned, save_model
 
     model = tiny_llama()
     adapter = adapter_for(model)

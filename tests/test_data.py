@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bonsai_prune.data import Problem, load_gsm8k, load_problems, sample_problems
+from bonsai_prune.data.problems import Problem, load_gsm8k, load_problems, sample_problems
 from bonsai_prune.errors import DataError
 
 

@@ -11,9 +11,11 @@ import torch
 
 from bonsai_prune import PruneConfig, UtilityConfig, adapter_for, load_model, load_pruned, prune
 
+pytestmark = pytest.mark.slow  # every test here loads the real packaged model
+
 TINY = {
     "sparsity": 0.08,
-    "prune_frac": 0.08,
+    "prune_fraction": 0.08,
     "masks_per_round": 4,
     "calib_samples": 2,
     "tolerance": 0.01,
@@ -46,7 +48,7 @@ def test_run_directory_reloads_a_smaller_model_that_generates_the_same(pruned_ru
 
 
 def test_round_files_hold_masks_and_coefficients(pruned_run):
-    from bonsai_prune.io import load_round
+    from bonsai_prune.rundir.run import load_round
 
     result, out = pruned_run
     tensors, figures = load_round(out, 1)

@@ -9,15 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bonsai_prune.data import load_gsm8k
+from bonsai_prune.config import EvalConfig
+from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.errors import ConfigError
-from bonsai_prune.evaluate import (
-    EvalConfig,
-    _count_new_tokens,
-    evaluate,
-    format_summary,
-    generate_solutions,
-)
+from bonsai_prune.eval.gsm8k import _count_new_tokens, evaluate, format_summary, generate_solutions
 
 TINY_WEIGHTS = {"acc": 50, "lex": 50, "sem": 0}  # sem=0: no embedding model is loaded
 
@@ -63,17 +58,6 @@ def test_config_round_trips_through_json_and_refuses_unknown_keys():
 
 
 # --- generation bookkeeping ---------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
 
 
 class EchoModel:

@@ -10,17 +10,17 @@ import pytest
 import yaml
 from conftest import tiny_llama
 
-from bonsai_prune import experiments
 from bonsai_prune.errors import ConfigError
-from bonsai_prune.experiments import (
+from bonsai_prune.study import runner as experiments
+from bonsai_prune.study.grid import (
     CELL_KEYS,
     PRUNE_KEYS,
     UTILITY_KEYS,
     load_grid,
     parse_grid,
-    run_experiment,
 )
-from bonsai_prune.report import write_report
+from bonsai_prune.study.report import write_report
+from bonsai_prune.study.runner import run_experiment
 
 EVAL = {"limit": 2, "max_new_tokens": 4, "batch_size": 2, "n_bootstrap": 50}
 BASE = {"masks_per_round": 4, "calib_samples": 2, "tolerance": 0.01}
@@ -128,7 +128,7 @@ def test_cells_expand_merge_utility_and_default_their_labels():
                 "name": "acc-only",
                 "method": "bonsai",
                 "sparsity": 0.4,
-                "prune_frac": 0.2,
+                "prune_fraction": 0.2,
                 "utility": {"name": "comprehensive", "weights": {"acc": 100}},
             },
         )
@@ -142,7 +142,7 @@ def test_cells_expand_merge_utility_and_default_their_labels():
     ablation = g.cells[4]
     assert (ablation.group, ablation.label) == ("ablation: weights", "acc-only")
     config = ablation.prune_config
-    assert config.masks_per_round == 4 and config.prune_frac == 0.2  # base, then the cell
+    assert config.masks_per_round == 4 and config.prune_fraction == 0.2  # base, then the cell
     assert config.utility.weights == {"acc": 100.0, "lex": 0.0, "sem": 0.0}
     assert g.eval_config.limit == 2 and g.eval_config.model == "default"
     assert str(g.out) == "results"
@@ -199,15 +199,6 @@ def test_the_other_shipped_grids_parse_with_every_main_method(name):
 # ---- running on a tiny random Llama ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    tok.padding_side = "left"
-    return tok
-
-
 class Calls:
     """Wraps the steps of a cell and counts how often each runs."""
 
@@ -240,13 +231,13 @@ TINY_GRID = {
     "base": {**BASE, "dtype": "fp32", "utility": {"max_length": 192}},
     "cells": [
         {"method": "random", "sparsities": [0.1, 0.2]},
-        {"method": "bonsai", "sparsity": 0.1, "prune_frac": 0.1, "seeds": [0, 1]},
+        {"method": "bonsai", "sparsity": 0.1, "prune_fraction": 0.1, "seeds": [0, 1]},
         {"group": "ablation: units", "name": "both", "method": "random", "sparsity": 0.1},
         {
             "group": "ablation: units",
             "name": "heads only",
             "method": "random",
-            "units": "heads",
+            "unit_kinds": "heads",
             "sparsity": 0.5,
         },
     ],
@@ -260,6 +251,7 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     out = tmp_path / "out"
 
     first = run_experiment(path, progress=False, load=calls.load)
+    write_report(first)
     # dense + 5 distinct runs ("both" is the main random cell); heads alone cannot reach 0.5: recorded, the grid goes on
     assert [o.status for o in first.outcomes] == ["ran", "ran", "ran", "ran", "ran", "failed"]
     assert "PruningError: target sparsity 0.5 is unreachable" in first.outcomes[-1].error

@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_llama_for
 
 from bonsai_prune import PruneConfig, UtilityConfig
 from bonsai_prune.methods import METHODS
-from bonsai_prune.methods.base import relative_importance
+from bonsai_prune.methods.base import PruneContext, relative_importance
 from bonsai_prune.methods.finercut import js_divergence
 from bonsai_prune.models import HEADS, NEURONS, adapter_for
 from bonsai_prune.models.llama import EmptyAttention
@@ -21,26 +21,15 @@ CONFIG = PruneConfig(
 )
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    tok.padding_side = "left"
-    return tok
-
-
 def tiny_model(tokenizer, seed: int = 0):
-    model = tiny_llama(seed)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    return model
+    return tiny_llama_for(tokenizer, seed)
 
 
 def run_method(name: str, tokenizer, config: PruneConfig = CONFIG):
     model = tiny_model(tokenizer)
     adapter = adapter_for(model)
     max_unit = float(adapter.unit_costs(model).max())
-    result = METHODS.get(name)(model, tokenizer, adapter, config, progress=False)
+    result = METHODS.get(name)(PruneContext.create(model, tokenizer, config, progress=False))
     return model, result, max_unit
 
 
@@ -52,8 +41,8 @@ def results(tokenizer):
 # ---- the contract: every registered method ---------------------------------------------------
 
 
-def test_the_baselines_are_registered():
-    assert {"random", "magnitude", "wanda", "finercut"} <= set(METHODS.names())
+def test_every_method_is_registered():
+    assert {"bonsai", "random", "magnitude", "wanda", "finercut"} <= set(METHODS.names())
 
 
 @pytest.mark.parametrize("name", METHODS.names())
@@ -86,7 +75,7 @@ def test_a_different_seed_draws_a_different_random_keep(results, tokenizer):
 
 @pytest.mark.parametrize("name", ["random", "wanda"])
 def test_units_heads_leaves_every_neuron(name, tokenizer):
-    config = PruneConfig(**{**CONFIG.to_dict(), "sparsity": 0.15, "units": "heads"})
+    config = PruneConfig(**{**CONFIG.to_dict(), "sparsity": 0.15, "unit_kinds": "heads"})
     model, result, _ = run_method(name, tokenizer, config)
     kept = result.details["kept_per_module"]
     assert kept["layer0.neurons"] == kept["layer1.neurons"] == 96
@@ -198,7 +187,7 @@ def test_empty_attention_keeps_the_cache_length_for_positions():
 
 
 def test_empty_attention_survives_save_and_reload(tmp_path, tokenizer):
-    from bonsai_prune.io import load_pruned, save_model
+    from bonsai_prune.models.pruned import load_pruned, save_model
 
     model = tiny_model(tokenizer)
     adapter, keep = _without_layer0_attention(model)

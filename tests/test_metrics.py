@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bonsai_prune.errors import DataError
-from bonsai_prune.utility.metrics import (
+from bonsai_prune.core.metrics import (
     ACCURACY_RULES,
     LEXICAL_METRICS,
     clean_text,
@@ -19,6 +18,7 @@ from bonsai_prune.utility.metrics import (
     strict_accuracy,
     token_f1,
 )
+from bonsai_prune.errors import DataError
 
 GSM8K_ANSWER = (
     "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"

@@ -9,8 +9,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from bonsai_prune.errors import ConfigError
-from bonsai_prune.priors import (
+from bonsai_prune.core.priors import (
     PRIORS,
     UnitStats,
     fixed_count,
@@ -18,6 +17,7 @@ from bonsai_prune.priors import (
     round_half_up,
     units_to_remove,
 )
+from bonsai_prune.errors import ConfigError
 
 
 def make_stats(n_units: int = 12) -> UnitStats:
@@ -244,9 +244,9 @@ def test_fixed_units_handles_empty_and_missing_modules():
 
 
 def test_fixed_units_rejects_bad_input():
-    with pytest.raises(ValueError, match="prune_fraction"):
+    with pytest.raises(ValueError, match="sample_fraction"):
         fixed_units(torch.ones(3), torch.zeros(3, dtype=torch.long), 1.5)
-    with pytest.raises(ValueError, match="prune_fraction"):
+    with pytest.raises(ValueError, match="sample_fraction"):
         fixed_units(torch.ones(3), torch.zeros(3, dtype=torch.long), -0.1)
     with pytest.raises(ValueError, match="alike"):
         fixed_units(torch.ones(3), torch.zeros(4, dtype=torch.long), 0.2)

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 
-from bonsai_prune.data import load_gsm8k
-from bonsai_prune.prompts import exemplars, format_prompt, worked_solution
-
-
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    return AutoTokenizer.from_pretrained(default_model_dir)
+from bonsai_prune.data.problems import load_gsm8k
+from bonsai_prune.data.prompts import exemplars, format_prompt, worked_solution
 
 
 @pytest.mark.parametrize("style", ["chat", "plain"])

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from bonsai_prune.regression import RegressionFit, default_alphas, fit_importance
-from bonsai_prune.sampling import sample_masks
+from bonsai_prune.core.regression import RegressionFit, default_alphas, fit_importance
+from bonsai_prune.core.sampling import sample_masks
 
 N_UNITS, N_MASKS, NOISE = 40, 200, 0.3
 MODULE_INDEX = torch.arange(N_UNITS) % 2  # two interleaved modules of 20

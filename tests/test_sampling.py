@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from bonsai_prune.priors import fixed_units
-from bonsai_prune.sampling import EPSILON, removal_weights, removals_per_module, sample_masks
+from bonsai_prune.core.priors import fixed_units
+from bonsai_prune.core.sampling import EPSILON, removal_weights, removals_per_module, sample_masks
 
 # four modules: 9 "heads", 40, 25 and 5 "neurons", interleaved to catch index mix-ups
 SIZES = (9, 40, 25, 5)
@@ -292,9 +292,9 @@ def test_degenerate_cases_keep_everything():
 def test_bad_input_is_rejected():
     prior, module_index = layout()
     fixed = torch.zeros(len(prior), dtype=torch.bool)
-    with pytest.raises(ValueError, match="prune_fraction"):
+    with pytest.raises(ValueError, match="sample_fraction"):
         sample_masks(prior, fixed, module_index, -0.1, 2, generator=gen(0))
-    with pytest.raises(ValueError, match="prune_fraction"):
+    with pytest.raises(ValueError, match="sample_fraction"):
         sample_masks(prior, fixed, module_index, 1.1, 2, generator=gen(0))
     with pytest.raises(ValueError, match="n_pairs"):
         sample_masks(prior, fixed, module_index, 0.2, -1, generator=gen(0))

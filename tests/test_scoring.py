@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bonsai_prune import scoring
+from bonsai_prune.core.metrics import contains_accuracy, lexical_similarity, token_f1
 from bonsai_prune.errors import ConfigError, DataError, ModelLoadError
-from bonsai_prune.scoring import ScoreResult, load_score_file, score_texts
-from bonsai_prune.utility.metrics import contains_accuracy, lexical_similarity, token_f1
+from bonsai_prune.utility import combine as scoring
+from bonsai_prune.utility.combine import ScoreResult, load_score_file, score_texts
 from bonsai_prune.utility.semantic import EMBEDDING_DIM, SemanticScorer
 
 REFERENCE = "Tom has 3 bags of 6 apples, so 3 * 6 = <<3*6=18>>18 apples.\n#### 18"

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from bonsai_prune.selection import Selection, round_budget, select_units
+from bonsai_prune.core.budget import round_budget
+from bonsai_prune.core.selection import Selection, select_units
 
 INF = math.inf
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bonsai_prune.stats import bootstrap_ci, paired_difference
+from bonsai_prune.eval.stats import bootstrap_ci, paired_difference
 
 # --- bootstrap_ci -------------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ from conftest import tiny_llama
 from transformers import AutoTokenizer
 
 from bonsai_prune.bench import reference_perplexity
-from bonsai_prune.data import load_gsm8k
-from bonsai_prune.utility import build_batch
+from bonsai_prune.data.calibration import build_batch
+from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.utility.base import solution_nll
 from bonsai_prune.utility.perplexity import PerplexityUtility
 

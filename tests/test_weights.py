@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from bonsai_prune.errors import ConfigError
-from bonsai_prune.utility.weights import (
+from bonsai_prune.core.weights import (
     DEFAULT_WEIGHTS,
     format_weights,
     parse_weights,
     validate_weights,
 )
+from bonsai_prune.errors import ConfigError
 
 
 @pytest.mark.parametrize(

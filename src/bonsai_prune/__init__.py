@@ -7,10 +7,10 @@ loop is ``pruner.py``; ``api.prune`` is the entry point.
 
 __version__ = "0.1.0"
 
-from .api import PruneResult, prune
-from .config import PruneConfig, UtilityConfig
-from .data import Problem, load_gsm8k, load_problems
-from .errors import (
+from bonsai_prune.api import PruneResult, prune
+from bonsai_prune.config import PruneConfig, UtilityConfig
+from bonsai_prune.data.problems import Problem, load_gsm8k, load_problems
+from bonsai_prune.errors import (
     BonsaiPruneError,
     ConfigError,
     DataError,
@@ -19,9 +19,9 @@ from .errors import (
     RunDirectoryError,
     UnsupportedModelError,
 )
-from .io import load_pruned
-from .models import adapter_for, load_model
-from .scoring import score_texts
+from bonsai_prune.models import adapter_for, load_model
+from bonsai_prune.models.pruned import load_pruned
+from bonsai_prune.utility.combine import score_texts
 
 __all__ = [
     "BonsaiPruneError",

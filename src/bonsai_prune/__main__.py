@@ -2,6 +2,6 @@
 
 import sys
 
-from .cli import main
+from bonsai_prune.cli import main
 
 sys.exit(main())

@@ -1,12 +1,13 @@
 """The library entry point notebooks call: ``prune(config) -> PruneResult``.
 
+It reads as the run does: check the names -> prepare the run directory -> load the model ->
+run the registered method (Bonsai or a baseline) -> save the pruned model and the report.
 The CLI's ``prune`` command is this function with its arguments parsed.
 """
 
 from __future__ import annotations
 
 import platform
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,16 +15,20 @@ from pathlib import Path
 
 import torch
 
-from . import io
-from .config import PruneConfig
-from .data import load_gsm8k, load_problems
-from .errors import RunDirectoryError
-from .methods import METHODS
-from .models import adapter_for, load_model
-from .models.adapter import check_supported
-from .models.loading import model_type_of
-from .pruner import RoundResult, calibration_problems, check_reachable, iterate_rounds
-from .utility import build_batch, resolve_utility
+from bonsai_prune.config import PruneConfig
+from bonsai_prune.core.priors import PRIORS
+from bonsai_prune.data.calibration import calibration_problems
+from bonsai_prune.data.problems import load_gsm8k, load_problems
+from bonsai_prune.errors import RunDirectoryError
+from bonsai_prune.methods import METHODS
+from bonsai_prune.methods.base import PruneContext
+from bonsai_prune.models import load_model
+from bonsai_prune.models.adapter import check_supported
+from bonsai_prune.models.loading import model_type_of
+from bonsai_prune.models.pruned import save_model
+from bonsai_prune.rundir import run as rundir
+from bonsai_prune.rundir.files import atomic_save_tensors, atomic_write_json
+from bonsai_prune.utility import UTILITIES, resolve_utility
 
 
 @dataclass
@@ -32,17 +37,17 @@ class PruneResult:
 
     model: object
     tokenizer: object
-    rounds: list[RoundResult]
+    rounds: list  # the RoundResults run now (iterative methods)
     report: dict
     out_dir: Path | None = None
-    keep_masks: list[torch.Tensor] = field(default_factory=list)  # one (U_round,) per round
+    keep_masks: list[torch.Tensor] = field(default_factory=list)  # one (U_step,) per step
 
 
 def library_versions() -> dict[str, str]:
     import sklearn
     import transformers
 
-    from . import __version__
+    from bonsai_prune import __version__
 
     return {
         "bonsai_prune": __version__,
@@ -53,58 +58,11 @@ def library_versions() -> dict[str, str]:
     }
 
 
-RUN_ENTRIES = ("config.json", "report.json", "rounds", "keep.safetensors", io.MODEL_DIR)
-
-
-def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: bool) -> int:
-    """Make ``out`` ready for this run; return how many completed rounds it already holds.
-
-    A non-empty directory is refused unless the user resumes (same config) or overwrites;
-    overwriting removes only the entries a run writes, nothing else the user keeps there.
-    """
-    if out.exists() and not out.is_dir():
-        raise RunDirectoryError(f"--out {out} is a file; give a directory")
-    if resume:
-        if not (out / "config.json").is_file():
-            raise RunDirectoryError(f"--resume: {out} holds no run to resume (no config.json)")
-        saved = PruneConfig.from_dict(io.read_json(out / "config.json"))
-        if saved != config:
-            changed = sorted(k for k, v in saved.to_dict().items() if config.to_dict()[k] != v)
-            raise RunDirectoryError(
-                f"--resume: {out} was started with different settings ({', '.join(changed)}); "
-                "resume with the same command, or use a new --out"
-            )
-        return io.completed_rounds(out)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise RunDirectoryError(
-                f"--out {out} is not empty; pass --resume to continue its run or --overwrite to replace it"
-            )
-        for name in RUN_ENTRIES:
-            entry = out / name
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            elif entry.exists():
-                entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return 0
-
-
-def replay_rounds(out: Path, n_rounds: int, model, adapter) -> list[dict]:
-    """Re-apply the saved keep masks of completed rounds: slicing is deterministic, so the
-    model ends exactly where the interrupted run stood."""
-    figures = []
-    for index in range(1, n_rounds + 1):
-        tensors, saved = io.load_round(out, index)
-        if tensors["keep"].shape[0] != adapter.layout(model).n_units:
-            raise RunDirectoryError(
-                f"round {index} of {out} does not fit the model; use a new --out"
-            )
-        adapter.slice(model, tensors["keep"])
-        if adapter.count_parameters(model) != saved["params_after"]:
-            raise RunDirectoryError(f"replaying round {index} of {out} gave a different model")
-        figures.append(saved)
-    return figures
+def check_registered(config: PruneConfig) -> None:
+    """Unknown method, prior or utility names fail before anything is loaded."""
+    METHODS.get(config.method)
+    PRIORS.get(config.prior)
+    UTILITIES.get(config.utility.name)
 
 
 def prune(
@@ -118,7 +76,7 @@ def prune(
     overwrite: bool = False,
     resume: bool = False,
 ) -> PruneResult:
-    """Prune ``config.model`` to ``config.sparsity`` with Bonsai and return the result.
+    """Prune ``config.model`` to ``config.sparsity`` with ``config.method`` and return the result.
 
     utility: a callable ``(model, CalibrationBatch) -> float`` (higher is better) to use
         instead of the named ``config.utility``.
@@ -127,16 +85,22 @@ def prune(
     resume: continue the run in ``out_dir`` after its last completed round (same config).
     """
     config = config or PruneConfig()
+    check_registered(config)
+    method = METHODS.get(config.method)
     started = time.perf_counter()
     out = Path(out_dir) if out_dir is not None else None
     pool = load_problems(config.data) if config.data else load_gsm8k("train")
-    calibration_problems(pool, config, 1)  # fail now, not after loading, if n is too large
+    _calibration(pool, config, 1)  # fail now, not after loading, if n is too large
     score = utility if utility is not None else resolve_utility(config.utility)
-    done = 0
-    if out is not None:
-        done = prepare_out_dir(out, config, resume=resume, overwrite=overwrite)
-    elif resume:
+    if resume and out is None:
         raise RunDirectoryError("resume needs the run directory (out_dir)")
+    if resume and not getattr(method, "resumes", False):
+        raise RunDirectoryError(
+            f"--resume applies to iterative methods; {config.method!r} is one-shot: "
+            "rerun it with --overwrite"
+        )
+    done = rundir.prepare_out_dir(out, config, resume=resume, overwrite=overwrite) if out else 0
+    completed = [_saved_round(out, index) for index in range(1, done + 1)] if out else []
 
     t0 = time.perf_counter()
     if model is None:
@@ -145,28 +109,17 @@ def prune(
             check_supported(model_type)  # before spending time on loading the weights
         model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
     load_s = time.perf_counter() - t0
-    adapter = adapter_for(model)
+    context = PruneContext.create(
+        model,
+        tokenizer,
+        config,
+        pool=pool,
+        utility=score,
+        progress=progress,
+        completed_rounds=completed,
+    )
+    adapter, make_batch = context.adapter, context.make_batch
     n_original = adapter.count_parameters(model)
-    n_total_before = sum(p.numel() for p in model.parameters())
-    if config.method == "bonsai":
-        check_reachable(adapter, model, config, n_original)
-    elif resume:
-        raise RunDirectoryError(
-            f"--resume applies to Bonsai's rounds; {config.method!r} is one-shot: rerun it with --overwrite"
-        )
-    device = next(model.parameters()).device
-
-    def make_batch(index: int):
-        problems = calibration_problems(pool, config, index)
-        u = config.utility
-        return build_batch(
-            tokenizer,
-            problems,
-            prompt=u.prompt,
-            shots=u.shots,
-            max_length=u.max_length,
-            device=device,
-        )
 
     report = {
         "complete": False,
@@ -175,37 +128,29 @@ def prune(
         "versions": library_versions(),
         "model_load_s": load_s,
         "params_before": n_original,
-        "total_params_before": n_total_before,
+        "total_params_before": sum(p.numel() for p in model.parameters()),
         "method": config.method,
         "resumed_after_round": done if resume else None,
-        "rounds": replay_rounds(out, done, model, adapter) if done else [],
+        "rounds": [figures for _, figures in completed],
     }
-    if out is not None:
-        io.atomic_write_json(out / "config.json", config.to_dict())
-        io.atomic_write_json(out / "report.json", report)
 
-    rounds: list[RoundResult] = []
-    keep_masks: list[torch.Tensor] = []
-    if config.method == "bonsai":
-        for result in iterate_rounds(
-            model, adapter, score, make_batch, config, n_original, start=done + 1, progress=progress
-        ):
-            rounds.append(result)
-            keep_masks.append(result.keep)
-            report["rounds"].append(result.figures())
-            if out is not None:
-                io.save_round(out, result.index, result.tensors(), result.figures())
-                io.atomic_write_json(out / "report.json", report)
-    else:
-        baseline = METHODS.get(config.method)(model, tokenizer, adapter, config, progress=progress)
-        report["method_seconds"] = baseline.seconds
-        report["method_details"] = baseline.details
-        keep_masks.append(baseline.keep)
+    def save_round(result) -> None:
+        report["rounds"].append(result.figures())
         if out is not None:
-            io.atomic_save_tensors(out / "keep.safetensors", {"keep": baseline.keep})
+            _start_run_files(out, config, report)
+            rundir.save_round(out, result.index, result.tensors(), result.figures())
+            atomic_write_json(out / "report.json", report)
+
+    context.on_round = save_round
+    result = method(context)
+    if not result.round_figures:  # one-shot: its keep mask is the whole record
+        report["method_seconds"] = result.seconds
+        report["method_details"] = result.details
+        if out is not None and result.keep is not None:
+            atomic_save_tensors(out / "keep.safetensors", {"keep": result.keep})
 
     n_rounds = len(report["rounds"])
-    pruned = n_rounds > 0 or config.method != "bonsai"
+    pruned = bool(result.keep_masks)
     final_utility = float(score(model, make_batch(n_rounds + 1))) if pruned else None
     n_after = adapter.count_parameters(model)
     report.update(
@@ -222,11 +167,29 @@ def prune(
         }
     )
     if out is not None:
-        io.save_model(out, model, tokenizer, adapter.structure(model))
+        _start_run_files(out, config, report)
+        save_model(out, model, tokenizer, adapter.structure(model))
     report["complete"] = True
     if out is not None:
-        io.atomic_write_json(out / "report.json", report)
-    return PruneResult(model, tokenizer, rounds, report, out, keep_masks)
+        atomic_write_json(out / "report.json", report)
+    return PruneResult(model, tokenizer, result.rounds, report, out, result.keep_masks)
+
+
+def _start_run_files(out: Path, config: PruneConfig, report: dict) -> None:
+    """config.json and a report marked incomplete, written once the method has begun for real
+    (its own checks passed), so a refused run leaves nothing to --overwrite."""
+    if not (out / "config.json").is_file():
+        atomic_write_json(out / "config.json", config.to_dict())
+        atomic_write_json(out / "report.json", report)
+
+
+def _calibration(pool, config: PruneConfig, index: int):
+    return calibration_problems(pool, config.calib_samples, config.seed, index)
+
+
+def _saved_round(out: Path, index: int) -> tuple[torch.Tensor, dict]:
+    tensors, figures = rundir.load_round(out, index)
+    return tensors["keep"], figures
 
 
 def _phase_totals(rounds: list[dict]) -> dict[str, float]:

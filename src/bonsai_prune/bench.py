@@ -18,7 +18,6 @@ comparisons alternate their two sides, so a busy machine slows both alike.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -106,13 +105,14 @@ def _timed(fn):
 
 def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
     """Evaluations per second and utility agreement, project path vs reference loop."""
-    from .config import PruneConfig, UtilityConfig
-    from .data import load_gsm8k, sample_problems
-    from .models import adapter_for, load_model
-    from .priors import fixed_units
-    from .pruner import score_masks
-    from .sampling import sample_masks
-    from .utility import build_batch, resolve_utility
+    from bonsai_prune.config import PruneConfig, UtilityConfig
+    from bonsai_prune.core.priors import fixed_units
+    from bonsai_prune.core.sampling import sample_masks
+    from bonsai_prune.data.calibration import build_batch
+    from bonsai_prune.data.problems import load_gsm8k, sample_problems
+    from bonsai_prune.methods.forward import score_masks
+    from bonsai_prune.models import adapter_for, load_model
+    from bonsai_prune.utility import resolve_utility
 
     fast_model, tokenizer = load_model(config.model, dtype="auto")
     ref_model, _ = load_model(config.model, dtype="fp32")
@@ -178,8 +178,8 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
 
 def slice_at_random(model, adapter, sparsity: float, seed: int) -> None:
     """Remove random units until ``sparsity`` of the non-embedding parameters are gone."""
-    from .pruner import min_keep_per_module
-    from .selection import select_units
+    from bonsai_prune.core.budget import min_keep_per_module
+    from bonsai_prune.core.selection import select_units
 
     layout = adapter.layout(model)
     scores = torch.rand(
@@ -197,8 +197,8 @@ def slice_at_random(model, adapter, sparsity: float, seed: int) -> None:
 
 
 def _prompts(tokenizer, n: int = 8) -> list[str]:
-    from .data import load_gsm8k
-    from .prompts import format_prompt
+    from bonsai_prune.data.problems import load_gsm8k
+    from bonsai_prune.data.prompts import format_prompt
 
     return [format_prompt(tokenizer, p.question) for p in load_gsm8k("test")[:n]]
 
@@ -230,7 +230,7 @@ def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int =
     rounds that visit every model in turn (interleaved, so a busy machine slows all alike)."""
     from statistics import median
 
-    from .models import load_model
+    from bonsai_prune.models import load_model
 
     loaded = {name: load_model(folder, dtype="auto") for name, folder in model_dirs.items()}
     prompts = _prompts(next(iter(loaded.values()))[1])
@@ -254,7 +254,7 @@ def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int =
 
 def measure_memory(model_dir: str, decode_tokens: int) -> dict:
     """In a child process: load one model and generate, then report this process's own peak."""
-    from .models import load_model
+    from bonsai_prune.models import load_model
 
     model, tokenizer = load_model(model_dir, dtype="auto")
     _speed_once(model, tokenizer, _prompts(tokenizer), 8, decode_tokens)
@@ -286,9 +286,9 @@ def _dir_bytes(path: Path) -> int:
 
 
 def bench_slicing(config: BenchConfig, workdir: Path) -> dict:
-    from . import io
-    from .models import adapter_for, load_model
-    from .models.loading import dequantised_default
+    from bonsai_prune.models import adapter_for, load_model
+    from bonsai_prune.models.loading import dequantised_default
+    from bonsai_prune.models.pruned import save_model
 
     dense_dir = dequantised_default() if config.model == "default" else Path(config.model)
     dirs = {"dense": dense_dir}
@@ -296,7 +296,7 @@ def bench_slicing(config: BenchConfig, workdir: Path) -> dict:
         model, tokenizer = load_model(config.model, dtype="fp32")
         adapter = adapter_for(model)
         slice_at_random(model, adapter, sparsity, config.seed)
-        dirs[f"{int(sparsity * 100)}"] = io.save_model(
+        dirs[f"{int(sparsity * 100)}"] = save_model(
             workdir / f"sliced{int(sparsity * 100)}", model, tokenizer, adapter.structure(model)
         )
     speed = run_child(
@@ -329,31 +329,20 @@ def bench_slicing(config: BenchConfig, workdir: Path) -> dict:
 
 def bench_pruning(config: BenchConfig, workdir: Path) -> dict:
     """Wall time and peak memory of pruning the default model to 50% with U†, vs inference."""
-    settings = (
-        ["--masks-per-round", "4", "--calib-samples", "2", "--prune-frac", "0.25"]
-        if config.quick
-        else []
-    )
-    args = [
-        "prune",
-        "--model",
-        config.model,
-        "--sparsity",
-        "0.5",
-        "--utility",
-        "comprehensive",
-        "--out",
-        str(workdir / "prune50"),
-        "--quiet",
-        *settings,
-    ]
-    report = run_child(args)
+    quick = {"masks_per_round": 4, "calib_samples": 2, "prune_fraction": 0.25}
+    prune_config = {
+        "model": config.model,
+        "sparsity": 0.5,
+        "utility": {"name": "comprehensive"},
+        **(quick if config.quick else {}),
+    }
+    report = run_child(["prune", json.dumps(prune_config), str(workdir / "prune50")])
     prune_peak = report["peak_rss_bytes"]
     inference_peak = run_child(["memory", config.model, str(config.decode_tokens)])[
         "peak_rss_bytes"
     ]
     return {
-        "prune_settings": " ".join(args).replace(str(workdir / "prune50"), "OUT"),
+        "prune_settings": prune_config,
         "prune_wall_s": report["wall_s"],
         "prune_phase_s": report["phase_seconds"],
         "prune_peak_rss_bytes": prune_peak,
@@ -444,18 +433,11 @@ def _child(argv: list[str]) -> None:
     elif argv[0] == "memory":
         print(json.dumps(measure_memory(argv[1], int(argv[2]))))
     elif argv[0] == "prune":
-        from .cli import main
+        from bonsai_prune.api import prune
+        from bonsai_prune.config import PruneConfig
 
-        out = Path(argv[argv.index("--out") + 1])
-        with open(os.devnull, "w") as sink:
-            saved, sys.stdout = sys.stdout, sink
-            try:
-                code = main(argv)
-            finally:
-                sys.stdout = saved
-        if code:
-            sys.exit(code)
-        report = json.loads((out / "report.json").read_text())
+        config = PruneConfig.from_dict(json.loads(argv[1]))
+        report = prune(config, out_dir=argv[2], progress=False).report
         print(json.dumps({**report, "peak_rss_bytes": peak_rss_bytes()}))
     else:
         raise SystemExit(f"unknown benchmark child {argv[0]!r}")

@@ -11,10 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PruneConfig, UtilityConfig
-from .errors import BonsaiPruneError
-
-DEFAULTS, UTILITY_DEFAULTS = PruneConfig(), UtilityConfig()
+from bonsai_prune.cli_options import add_config_options, config_from_args
+from bonsai_prune.config import EvalConfig, PruneConfig, UtilityConfig
+from bonsai_prune.errors import BonsaiPruneError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,142 +23,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="default",
-        help="'default' (packaged SmolLM2-135M-Instruct), a local directory, a run directory or a hub id",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "bf16", "fp32", "fp16"],
-        help="auto: bf16 on CUDA or CPUs with native bf16, else fp32",
-    )
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-
-
-def _add_utility_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--weights",
-        default="acc=50,lex=25,sem=25",
-        help="U† weights summing to 100, e.g. acc=38,lex=38,sem=24",
-    )
-    p.add_argument("--accuracy", default="strict", choices=["strict", "contains"])
-    p.add_argument("--lexical", default="rouge_numbers", choices=["rouge_numbers", "token_f1"])
-    p.add_argument(
-        "--prompt",
-        default="chat",
-        choices=["chat", "plain"],
-        help="the model's chat template (default) or plain 'Question: ... Answer:' text",
-    )
-    p.add_argument(
-        "--shots", type=int, default=0, help="k worked GSM8K train exemplars in the prompt"
-    )
-
-
-def _utility_config(args, name: str):
-    from .config import UtilityConfig
-    from .utility.weights import parse_weights
-
-    return UtilityConfig(
-        name=name,
-        weights=parse_weights(args.weights),
-        accuracy=args.accuracy,
-        lexical=args.lexical,
-        gen_tokens=getattr(args, "gen_tokens", 20),
-        prompt=args.prompt,
-        shots=args.shots,
-    )
+SCORE_FIELDS = ("weights", "accuracy", "lexical")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bonsai-prune", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = commands.add_parser("prune", help="prune a model with Bonsai")
-    _add_model_options(p)
-    p.add_argument(
-        "--method",
-        default=DEFAULTS.method,
-        help="bonsai (default), or a one-shot baseline: random, magnitude, wanda, finercut "
-        "(baselines ignore --prune-frac, --masks-per-round, --prior and --regression)",
-    )
-    p.add_argument(
-        "--sparsity",
-        type=float,
-        default=DEFAULTS.sparsity,
-        help="target fraction of non-embedding parameters removed",
-    )
-    p.add_argument(
-        "--prune-frac",
-        type=float,
-        default=DEFAULTS.prune_frac,
-        help="fraction of the original parameters removed per round",
-    )
-    p.add_argument("--masks-per-round", type=int, default=DEFAULTS.masks_per_round)
-    p.add_argument(
-        "--masks-per-forward",
-        type=int,
-        default=DEFAULTS.masks_per_forward,
-        help="sub-models batched into one generation (U†)",
-    )
-    p.add_argument("--calib-samples", type=int, default=DEFAULTS.calib_samples)
-    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    p.add_argument("--prior", default=DEFAULTS.prior)
-    p.add_argument("--units", default="both", choices=["both", "heads", "neurons"])
-    p.add_argument("--regression", default="ridge", choices=["ridge", "lasso"])
-    p.add_argument(
-        "--removal-counts",
-        default=DEFAULTS.removal_counts,
-        choices=["varied", "fixed"],
-        help="units each sampled sub-model removes per module: varied (0 to all candidates, "
-        "lets the regression compare modules) or fixed (Bonsai's round(f*n))",
-    )
-    p.add_argument(
-        "--allow-empty-modules", action="store_true", help="an MLP may lose all its neurons"
-    )
-    p.add_argument("--tolerance", type=float, default=DEFAULTS.tolerance)
-    p.add_argument(
-        "--data",
-        default=None,
-        help="JSONL of question/answer lines (default: packaged GSM8K train)",
-    )
-    p.add_argument("--utility", default="perplexity", help="perplexity or comprehensive (U†)")
-    p.add_argument(
-        "--gen-tokens",
-        type=int,
-        default=UTILITY_DEFAULTS.gen_tokens,
-        help="tokens each sub-model generates for U†",
-    )
-    _add_utility_options(p)
+    p = commands.add_parser("prune", help="prune a model (Bonsai or a baseline method)")
+    add_config_options(p, PruneConfig)
     p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --out after its last completed round",
-    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(run=_cmd_prune)
 
     p = commands.add_parser("score", help="score predictions against references with U†")
     p.add_argument("input", help='JSONL lines of {"prediction", "reference"}')
-    _add_utility_options(p)
+    add_config_options(p, UtilityConfig, only=SCORE_FIELDS)
     p.add_argument("--out", default=None, help="write one JSON object of scores per input line")
     p.set_defaults(run=_cmd_score)
 
-    p = commands.add_parser("evaluate", help="GSM8K test evaluation of a dense or pruned model")
-    _add_model_options(p)
-    p.add_argument(
-        "--limit", type=int, default=None, help="first N test problems (default: all 1,319)"
-    )
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=16)
-    _add_utility_options(p)
-    p.add_argument(
-        "--seed", type=int, default=DEFAULTS.seed, help="seed of the bootstrap confidence intervals"
-    )
+    p = commands.add_parser("evaluate", help="GSM8K evaluation of a dense or pruned model")
+    add_config_options(p, EvalConfig)
     p.add_argument("--out", required=True, help="directory for summary.json and generations.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_evaluate)
@@ -167,9 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "bench", help="measure evaluation speed, GEMM use, decode speed-up, memory"
     )
-    p.add_argument(
-        "--quick", action="store_true", help="small settings, under five minutes on 2 cores"
-    )
+    p.add_argument("--quick", action="store_true", help="small settings, minutes on 2 cores")
     p.add_argument("--model", default="default")
     p.add_argument("--out", default=None, help="write the figures as JSON")
     p.add_argument("--quiet", action="store_true")
@@ -192,30 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_prune(args) -> int:
-    from .api import prune
-    from .config import PruneConfig
+    from bonsai_prune.api import prune
 
-    config = PruneConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        method=args.method,
-        sparsity=args.sparsity,
-        prune_frac=args.prune_frac,
-        masks_per_round=args.masks_per_round,
-        masks_per_forward=args.masks_per_forward,
-        calib_samples=args.calib_samples,
-        seed=args.seed,
-        prior=args.prior,
-        units=args.units,
-        regression=args.regression,
-        removal_counts=args.removal_counts,
-        allow_empty_modules=args.allow_empty_modules,
-        tolerance=args.tolerance,
-        data=args.data,
-        utility=_utility_config(args, args.utility),
-    )
-    _check_registered(config)
+    config = config_from_args(PruneConfig, args)
     result = prune(
         config,
         out_dir=args.out,
@@ -225,15 +88,6 @@ def _cmd_prune(args) -> int:
     )
     print(format_summary(result.report, args.out))
     return 0
-
-
-def _check_registered(config) -> None:
-    """Unknown prior or utility names fail before the model is loaded."""
-    from .priors import PRIORS
-    from .utility import UTILITIES
-
-    PRIORS.get(config.prior)
-    UTILITIES.get(config.utility.name)
 
 
 def format_summary(report: dict, out: str | None) -> str:
@@ -260,17 +114,17 @@ def format_summary(report: dict, out: str | None) -> str:
 
 
 def _cmd_score(args) -> int:
-    from .io import atomic_write_text
-    from .scoring import load_score_file, score_texts
-    from .utility.weights import parse_weights
+    from bonsai_prune.rundir.files import atomic_write_text
+    from bonsai_prune.utility.combine import load_score_file, score_texts
 
+    config = config_from_args(UtilityConfig, args)
     predictions, references = load_score_file(args.input)
     result = score_texts(
         predictions,
         references,
-        parse_weights(args.weights),
-        accuracy_rule=args.accuracy,
-        lexical=args.lexical,
+        config.weights,
+        accuracy_rule=config.accuracy,
+        lexical=config.lexical,
     )
     if args.out:
         atomic_write_text(
@@ -281,31 +135,18 @@ def _cmd_score(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import EvalConfig, evaluate, format_summary
-    from .utility.weights import parse_weights
+    from bonsai_prune.eval.gsm8k import evaluate, format_summary
 
-    config = EvalConfig(
-        model=args.model,
-        dtype=args.dtype,
-        device=args.device,
-        limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        prompt=args.prompt,
-        shots=args.shots,
-        weights=parse_weights(args.weights),
-        accuracy=args.accuracy,
-        lexical=args.lexical,
-        seed=args.seed,
+    result = evaluate(
+        config_from_args(EvalConfig, args), out_dir=Path(args.out), progress=not args.quiet
     )
-    result = evaluate(config, out_dir=Path(args.out), progress=not args.quiet)
     print(format_summary(result.summary))
     return 0
 
 
 def _cmd_bench(args) -> int:
-    from .bench import BenchConfig, format_table, run_bench
-    from .io import atomic_write_json
+    from bonsai_prune.bench import BenchConfig, format_table, run_bench
+    from bonsai_prune.rundir.files import atomic_write_json
 
     result = run_bench(BenchConfig.make(args.quick, args.model), progress=not args.quiet)
     if args.out:
@@ -315,14 +156,15 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_experiment(args) -> int:
-    from .experiments import load_grid, run_experiment
-    from .report import write_report
+    from bonsai_prune.study.grid import load_grid
+    from bonsai_prune.study.report import write_report
+    from bonsai_prune.study.runner import run_experiment
 
     if args.report_only:
         print(f"report: {write_report(load_grid(args.grid))}")
         return 0
     result = run_experiment(args.grid, progress=not args.quiet, only=args.only)
-    print(f"report: {result.report_path} ({result.n_failed} failed cells)")
+    print(f"report: {write_report(result)} ({result.n_failed} failed cells)")
     return 1 if result.n_failed else 0
 
 

@@ -1,5 +1,10 @@
 """Run configurations: frozen, typed, validated on construction, round-tripped through JSON.
 
+Each field is declared once, here, with its default, its help text and where its choices come
+from (``metadata``): the CLI builds its options from these declarations (``cli_options.py``),
+so a new field or a newly registered name appears in ``--help`` and in validation without
+touching the CLI. Names that live in a registry (method, prior, utility) are checked against it
+at the boundary (``api.check_registered``), since registries fill as extension modules import.
 The library never sees CLI objects: the CLI builds one of these and makes one call.
 """
 
@@ -10,11 +15,25 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from bonsai_prune.core.metrics import ACCURACY_RULES, LEXICAL_METRICS
+from bonsai_prune.core.regression import REGRESSIONS
+from bonsai_prune.core.sampling import REMOVAL_COUNTS
+from bonsai_prune.core.weights import DEFAULT_WEIGHTS, validate_weights
+from bonsai_prune.data.problems import SPLITS
+from bonsai_prune.data.prompts import PROMPT_STYLES
+from bonsai_prune.errors import ConfigError
+from bonsai_prune.models.adapter import UNIT_KINDS
+from bonsai_prune.models.loading import DEFAULT_MODEL, DEVICES, DTYPES
 
-UNIT_CHOICES = ("both", "heads", "neurons")
-PROMPT_STYLES = ("chat", "plain")
-REGRESSIONS = ("ridge", "lasso")
+
+def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> Any:
+    """A dataclass field carrying its CLI help and, optionally, ``choices`` (a tuple),
+    ``registry`` (a registry's name), ``flag`` (the option name if not --field-name) and
+    ``aliases`` (older option names that still work)."""
+    meta["help"] = help
+    if callable(default) and not isinstance(default, (str, int, float, bool)):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 def _check_fraction(name: str, value: Any, *, hint: str) -> None:
@@ -24,9 +43,29 @@ def _check_fraction(name: str, value: Any, *, hint: str) -> None:
         raise ConfigError(f"{name} must be in (0, 1), got {value}; {hint}")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+def _check_int(
+    name: str, value: Any, *, minimum: int, maximum: int | None = None, hint: str = ""
+) -> None:
+    accepted = (
+        f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+    )
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        raise ConfigError(f"{name} must be {accepted}{' ' + hint if hint else ''}, got {value!r}")
+
+
+def _check_choices(config: Any) -> None:
+    """Every field declared with ``choices`` holds one of them."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices is not None and value not in choices:
+            label = f.metadata.get("label", f.name.replace("_", " "))
+            raise ConfigError(f"unknown {label} {value!r}; choose one of: {', '.join(choices)}")
 
 
 class _JsonConfig:
@@ -42,95 +81,173 @@ class _JsonConfig:
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}")
         values = dict(data)
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name in values and isinstance(values[f.name], dict) and f.name == "utility":
-                values[f.name] = UtilityConfig.from_dict(values[f.name])
+        if isinstance(values.get("utility"), dict):
+            values["utility"] = UtilityConfig.from_dict(values["utility"])
         return cls(**values)
+
+
+def _weights_option() -> Any:
+    return option(
+        lambda: dict(DEFAULT_WEIGHTS),
+        "U† weights summing to 100, e.g. acc=38,lex=38,sem=24",
+        parse="weights",
+    )
+
+
+PROMPT_HELP = "the model's chat template, or plain 'Question: ... Answer:' text"
+SHOTS_HELP = "k worked GSM8K train exemplars in the prompt"
 
 
 @dataclass(frozen=True)
 class UtilityConfig(_JsonConfig):
     """How a sub-model is scored on the calibration problems (higher is better)."""
 
-    name: str = "perplexity"  # or "comprehensive" (U†), or any registered utility
-    weights: dict[str, float] = field(
-        default_factory=lambda: {"acc": 50.0, "lex": 25.0, "sem": 25.0}
+    name: str = option(
+        "perplexity",
+        "what scores a sub-model: perplexity, comprehensive (U†), ...",
+        registry="utility",
+        flag="utility",
     )
-    accuracy: str = "strict"
-    lexical: str = "rouge_numbers"
-    gen_tokens: int = 20  # the original U† study's compromise between signal and cost
-    prompt: str = "chat"
-    shots: int = 0
-    max_length: int = 768  # tokens of prompt + solution kept for teacher forcing
+    weights: dict[str, float] = _weights_option()
+    accuracy: str = option(
+        "strict", "accuracy rule of U†", choices=tuple(ACCURACY_RULES), label="accuracy rule"
+    )
+    lexical: str = option(
+        "rouge_numbers",
+        "lexical metric of U†",
+        choices=tuple(LEXICAL_METRICS),
+        label="lexical metric",
+    )
+    gen_tokens: int = option(  # the original U† study's compromise between signal and cost
+        20, "tokens each sub-model generates for U†"
+    )
+    prompt: str = option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
+    shots: int = option(0, SHOTS_HELP)
+    max_length: int = option(768, "tokens of prompt + solution kept for teacher forcing")
 
     def __post_init__(self) -> None:
-        from .utility.weights import validate_weights
-
         object.__setattr__(self, "weights", validate_weights(dict(self.weights)))
-        _check_choice("prompt style", self.prompt, PROMPT_STYLES)
-        if self.accuracy not in ("strict", "contains"):
-            raise ConfigError(f"unknown accuracy rule {self.accuracy!r}; choose strict or contains")
-        if self.lexical not in ("rouge_numbers", "token_f1"):
-            raise ConfigError(
-                f"unknown lexical metric {self.lexical!r}; choose rouge_numbers or token_f1"
-            )
-        if not isinstance(self.gen_tokens, int) or self.gen_tokens < 1:
-            raise ConfigError(f"gen_tokens must be a positive integer, got {self.gen_tokens!r}")
-        if not isinstance(self.shots, int) or not 0 <= self.shots <= 8:
-            raise ConfigError(f"shots must be an integer in [0, 8], got {self.shots!r}")
+        _check_choices(self)
+        _check_int("gen_tokens", self.gen_tokens, minimum=1)
+        _check_int("shots", self.shots, minimum=0, maximum=8)
+        _check_int("max_length", self.max_length, minimum=2)
 
 
 @dataclass(frozen=True)
 class PruneConfig(_JsonConfig):
-    """One Bonsai pruning run (DESIGN.md section 2)."""
+    """One pruning run (DESIGN.md section 2)."""
 
-    model: str = "default"
-    dtype: str = "auto"  # bf16 where the hardware has it natively, else fp32 (see fast_dtype)
-    device: str = "cpu"
-    method: str = (
-        "bonsai"  # or a baseline registered in methods/ (random, magnitude, wanda, finercut)
+    model: str = option(
+        DEFAULT_MODEL,
+        "'default' (packaged SmolLM2-135M-Instruct), a local folder, a run directory or a hub id",
     )
-    sparsity: float = 0.3  # target fraction of non-embedding parameters removed
-    prune_frac: float = 0.1  # fraction of the original parameters removed per round
-    masks_per_round: int = 32
-    masks_per_forward: int = 8  # sub-models batched into one generation (utilities that can)
-    calib_samples: int = 8
-    seed: int = 0
-    prior: str = "wanda"
-    units: str = "both"
-    regression: str = "ridge"
-    # units a sampled mask removes per module: "varied" (0..all candidates, so modules can be
-    # compared) or "fixed" (Bonsai's round(f * n)); see sampling.py
-    removal_counts: str = "varied"
-    allow_empty_modules: bool = False  # an MLP may lose all its neurons only if True
-    tolerance: float = 0.005  # stop when sparsity is within this of the target
-    data: str | None = None  # JSONL of question/answer lines; None = packaged GSM8K train
-    utility: UtilityConfig = field(default_factory=UtilityConfig)
+    dtype: str = option(
+        "auto",
+        "auto: bf16 on CUDA or CPUs with native bf16, else fp32",
+        choices=("auto", *DTYPES),
+    )
+    device: str = option("cpu", "where the model runs", choices=DEVICES)
+    method: str = option(
+        "bonsai",
+        "bonsai, or a one-shot baseline (they ignore the round options)",
+        registry="method",
+    )
+    sparsity: float = option(0.3, "target fraction of non-embedding parameters removed")
+    prune_fraction: float = option(
+        0.1, "fraction of the original parameters removed per round", aliases=("--prune-frac",)
+    )
+    masks_per_round: int = option(32, "sub-models sampled per round (antithetic pairs)")
+    masks_per_forward: int = option(8, "sub-models batched into one forward or generation")
+    calib_samples: int = option(8, "calibration problems each sub-model is scored on")
+    seed: int = option(0, "seed of every random choice of the run")
+    prior: str = option("wanda", "per-unit prior that fixes and weights units", registry="prior")
+    unit_kinds: str = option(
+        "both",
+        "kinds of unit to prune",
+        choices=tuple(UNIT_KINDS),
+        label="unit kind",
+        aliases=("--units",),
+    )
+    regression: str = option("ridge", "regression of utility on masks", choices=REGRESSIONS)
+    removal_counts: str = option(
+        "varied",
+        "units a sampled sub-model removes per module: varied (0 to all candidates, lets the "
+        "regression compare modules) or fixed (Bonsai's round(f*n))",
+        choices=REMOVAL_COUNTS,
+        label="removal counts",
+    )
+    allow_empty_modules: bool = option(False, "a module may lose all its units")
+    tolerance: float = option(0.005, "stop when sparsity is within this of the target")
+    data: str | None = option(
+        None, "JSONL of question/answer lines (default: packaged GSM8K train)"
+    )
+    utility: UtilityConfig = option(UtilityConfig, "how sub-models are scored")
 
     def __post_init__(self) -> None:
+        if isinstance(self.utility, dict):
+            object.__setattr__(self, "utility", UtilityConfig.from_dict(self.utility))
         _check_fraction("sparsity", self.sparsity, hint="e.g. --sparsity 0.5")
-        _check_fraction("prune fraction", self.prune_frac, hint="e.g. --prune-frac 0.1")
+        _check_fraction("prune fraction", self.prune_fraction, hint="e.g. --prune-fraction 0.1")
         for name in ("masks_per_round", "masks_per_forward", "calib_samples", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         if self.masks_per_round < 2 or self.masks_per_round % 2:
             raise ConfigError(
-                f"masks per round must be an even number >= 2 (antithetic pairs), got {self.masks_per_round}"
+                "masks per round must be an even number >= 2 (antithetic pairs), "
+                f"got {self.masks_per_round}"
             )
         if self.masks_per_forward < 1:
             raise ConfigError(f"masks per forward must be at least 1, got {self.masks_per_forward}")
         if self.calib_samples < 1:
             raise ConfigError(f"calibration samples must be at least 1, got {self.calib_samples}")
-        _check_choice("unit kind", self.units, UNIT_CHOICES)
-        from .methods import METHODS  # here, not at the top: methods import this module
-
-        _check_choice("method", self.method, ("bonsai", *METHODS.names()))
-        _check_choice("regression", self.regression, REGRESSIONS)
-        from .sampling import REMOVAL_COUNTS
-
-        _check_choice("removal counts", self.removal_counts, REMOVAL_COUNTS)
+        _check_int("seed", self.seed, minimum=0)
+        _check_choices(self)
         if not 0 < self.tolerance < self.sparsity:
             raise ConfigError(f"tolerance must be in (0, sparsity), got {self.tolerance}")
-        if isinstance(self.utility, dict):
-            object.__setattr__(self, "utility", UtilityConfig.from_dict(self.utility))
+
+
+@dataclass(frozen=True)
+class EvalConfig(_JsonConfig):
+    """One evaluation of one model on GSM8K (JSON round-trip via to_dict / from_dict)."""
+
+    model: str = option(DEFAULT_MODEL, "'default', a local folder, a run directory or a hub id")
+    dtype: str = option(
+        "auto",
+        "auto: bf16 on CUDA or CPUs with native bf16, else fp32",
+        choices=("auto", *DTYPES),
+    )
+    device: str = option("cpu", "where the model runs", choices=DEVICES)
+    split: str = option("test", "GSM8K split", choices=SPLITS)
+    limit: int | None = option(None, "first N problems of the split (default: all)")
+    max_new_tokens: int = option(  # enough for a full solution to reach its final answer
+        256, "generation cap per problem"
+    )
+    batch_size: int = option(16, "problems generated together")
+    prompt: str = option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
+    shots: int = option(0, SHOTS_HELP)
+    weights: dict[str, float] = _weights_option()
+    accuracy: str = option(
+        "strict", "accuracy rule of U†", choices=tuple(ACCURACY_RULES), label="accuracy rule"
+    )
+    lexical: str = option(
+        "rouge_numbers",
+        "lexical metric of U†",
+        choices=tuple(LEXICAL_METRICS),
+        label="lexical metric",
+    )
+    n_bootstrap: int = option(1000, "bootstrap resamples of the confidence intervals")
+    seed: int = option(0, "seed of the bootstrap confidence intervals")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", validate_weights(dict(self.weights)))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"model must be a non-empty string, got {self.model!r}")
+        _check_choices(self)
+        if self.limit is not None:
+            _check_int("limit", self.limit, minimum=1, hint="or None for the whole split")
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("n_bootstrap", self.n_bootstrap, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        _check_int("shots", self.shots, minimum=0, maximum=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import ConfigError
+from bonsai_prune.errors import ConfigError
 
 T = TypeVar("T")
 

@@ -1,35 +1,34 @@
-"""What every baseline method shares: its result, its calibration batch, its scoring rule and
-the score-driven slicing that takes a model to the target sparsity.
+"""What every pruning method shares: its contract, its context, its result, and the
+score-driven slicing that takes a model to the target sparsity.
 
-A method is ``(model, tokenizer, adapter, config, *, progress=True) -> MethodResult`` and
-prunes ``model`` in place, in Bonsai's units (query heads, MLP neurons), to the same
-non-embedding parameter budget (``config.sparsity`` of the model as handed in), with the same
-per-module floors, so that methods compare at equal size.
+A method is a function ``(context: PruneContext) -> MethodResult`` registered in ``METHODS``.
+It prunes ``context.model`` in place, in Bonsai's units (query heads, MLP neurons), to the
+same non-embedding parameter budget (``config.sparsity`` of the model as handed in), with the
+same per-module floors, so that methods compare at equal size. Bonsai (``methods/bonsai.py``)
+is one of them; to add one, write ``methods/<name>.py`` with a function decorated
+``@METHODS.register("<name>")`` and import the module in ``methods/__init__.py``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
-from ..config import PruneConfig
-from ..data import load_gsm8k, load_problems
-from ..errors import PruningError
-from ..models.adapter import UnitLayout
-from ..pruner import (
-    calibration_problems,
-    check_reachable,
-    min_keep_per_module,
-    prunable_mask,
-    unit_prior,
-)
-from ..registry import Registry
-from ..selection import select_units
-from ..utility.base import CalibrationBatch, build_batch
+from bonsai_prune.config import PruneConfig
+from bonsai_prune.core.budget import check_reachable, min_keep_per_module, prunable_mask
+from bonsai_prune.core.selection import select_units
+from bonsai_prune.data.calibration import CalibrationBatch, batch_maker
+from bonsai_prune.data.problems import load_gsm8k, load_problems
+from bonsai_prune.errors import PruningError
+from bonsai_prune.methods.forward import unit_prior
+from bonsai_prune.models.adapter import UnitLayout, adapter_for
+from bonsai_prune.registry import Registry
+from bonsai_prune.utility import resolve_utility
 
 METHODS: Registry = Registry("method")
 
@@ -37,15 +36,77 @@ MAX_PASSES = 100  # select-and-slice passes before giving up (each pass removes 
 
 
 @dataclass
+class PruneContext:
+    """Everything a method works with, decided before it runs (loading, data, run directory)."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Any
+    config: PruneConfig
+    make_batch: Callable[[int], CalibrationBatch]  # round index (1-based) -> its calibration batch
+    utility: Callable  # (model, batch) -> float, higher is better; what Bonsai regresses on
+    progress: bool = True
+    # resume: the (keep mask, figures) of rounds a previous run completed, in order
+    completed_rounds: list[tuple[torch.Tensor, dict]] = field(default_factory=list)
+    on_round: Callable[[Any], None] | None = None  # called with each finished round (saving)
+
+    @classmethod
+    def create(
+        cls,
+        model,
+        tokenizer,
+        config: PruneConfig,
+        *,
+        pool: list | None = None,
+        utility: Callable | None = None,
+        progress: bool = True,
+        **extra: Any,
+    ) -> PruneContext:
+        """The context of ``model``: calibration batches from ``pool`` (default: the config's
+        data, else GSM8K train), the config's named utility unless ``utility`` is given."""
+        if pool is None:
+            pool = load_problems(config.data) if config.data else load_gsm8k("train")
+        u = config.utility
+        make_batch = batch_maker(
+            tokenizer,
+            pool,
+            n=config.calib_samples,
+            seed=config.seed,
+            prompt=u.prompt,
+            shots=u.shots,
+            max_length=u.max_length,
+            device=next(model.parameters()).device,
+        )
+        score = utility if utility is not None else resolve_utility(u)
+        return cls(
+            model, tokenizer, adapter_for(model), config, make_batch, score, progress, **extra
+        )
+
+
+@dataclass
 class MethodResult:
-    """What one method run did: sizes, wall time and method-specific figures (JSON-safe)."""
+    """What one method run did: sizes, wall time, its keep masks and method-specific figures."""
 
     params_before: int
     params_after: int
     sparsity: float  # 1 - params_after / params_before, non-embedding parameters
     seconds: float
-    details: dict = field(default_factory=dict)
-    keep: torch.Tensor | None = None  # (U,) bool over the units of the model as handed in
+    details: dict = field(default_factory=dict)  # JSON-safe
+    keep_masks: list[torch.Tensor] = field(default_factory=list)  # (U_step,) bool per step
+    rounds: list = field(default_factory=list)  # the rounds run now (iterative methods)
+    round_figures: list[dict] = field(default_factory=list)  # every round's figures, replayed too
+
+    @property
+    def keep(self) -> torch.Tensor | None:
+        """(U,) bool over the units of the model as handed in: the steps' masks composed."""
+        if not self.keep_masks:
+            return None
+        alive = torch.arange(self.keep_masks[0].shape[0])  # original index of each unit left
+        for step in self.keep_masks:
+            alive = alive[step]
+        keep = torch.zeros(self.keep_masks[0].shape[0], dtype=torch.bool)
+        keep[alive] = True
+        return keep
 
 
 class Slicing(NamedTuple):
@@ -55,18 +116,12 @@ class Slicing(NamedTuple):
     n_passes: int  # select-and-slice passes it took
 
 
-def calibration_batch(model, tokenizer, config: PruneConfig) -> CalibrationBatch:
-    """The calibration problems Bonsai's first round would see, tokenised for teacher forcing."""
-    pool = load_problems(config.data) if config.data else load_gsm8k("train")
-    u = config.utility
-    return build_batch(
-        tokenizer,
-        calibration_problems(pool, config, 1),
-        prompt=u.prompt,
-        shots=u.shots,
-        max_length=u.max_length,
-        device=next(model.parameters()).device,
-    )
+def refuse_resume(context: PruneContext, name: str) -> None:
+    """One-shot methods have no rounds to continue."""
+    if context.completed_rounds:
+        raise PruningError(
+            f"--resume applies to iterative methods; {name!r} is one-shot: rerun it with --overwrite"
+        )
 
 
 def relative_importance(
@@ -150,7 +205,7 @@ def prune_to_target(
 
 
 def module_floors(adapter, layout: UnitLayout, allow_empty: bool) -> torch.Tensor:
-    """LongTensor (M,): ``pruner.min_keep_per_module``, with the adapter's own word on which
+    """LongTensor (M,): ``core.budget.min_keep_per_module``, with the adapter's own word on which
     kinds it can empty when ``allow_empty`` (no-op once the pruner passes ``allow_empty`` on)."""
     floors = min_keep_per_module(adapter, layout, allow_empty)
     if allow_empty:
@@ -201,7 +256,7 @@ def finish(
         sparsity=1 - n_after / n_before,
         seconds=time.perf_counter() - started,
         details=details,
-        keep=keep,
+        keep_masks=[keep],
     )
 
 
@@ -211,7 +266,7 @@ def prune_by_score(
     """One-shot: protect unprunable kinds, slice to the target, report."""
     n_before = adapter.count_parameters(model)
     check_reachable(adapter, model, config, n_before)
-    score = protect_unprunable(score, adapter.layout(model), config.units)
+    score = protect_unprunable(score, adapter.layout(model), config.unit_kinds)
     slicing = prune_to_target(model, adapter, config, score, n_before)
     return finish(
         model, adapter, slicing.keep, n_before, started, n_passes=slicing.n_passes, **details

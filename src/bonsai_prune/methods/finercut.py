@@ -2,7 +2,7 @@
 https://arxiv.org/abs/2405.18218), in Bonsai's units and parameter budget.
 
 Candidates are the attention sub-layers (all query heads of a layer) and the MLP sub-layers
-(all neurons of a layer) of the kinds ``config.units`` allows. Each step removes, virtually
+(all neurons of a layer) of the kinds ``config.unit_kinds`` allows. Each step removes, virtually
 (``adapter.apply_masks`` with the removals so far plus the candidate), every remaining
 candidate in turn and measures how far the model's next-token distributions move on the
 calibration solution positions (``batch.target_mask``); the candidate that moves them least
@@ -34,18 +34,19 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ..config import PruneConfig
-from ..errors import PruningError
-from ..models.adapter import HEADS, NEURONS, ModuleUnits
-from ..utility.base import CalibrationBatch
-from .base import (
+from bonsai_prune.config import PruneConfig
+from bonsai_prune.data.calibration import CalibrationBatch
+from bonsai_prune.errors import PruningError
+from bonsai_prune.methods.base import (
     METHODS,
     MethodResult,
-    calibration_batch,
+    PruneContext,
     finish,
     prior_scores,
     prune_to_target,
+    refuse_resume,
 )
+from bonsai_prune.models.adapter import HEADS, NEURONS, ModuleUnits
 
 ROWS_PER_FORWARD = 8
 POSITIONS_PER_CHUNK = 256  # LM-head rows at a time: 256 x vocab floats per log-prob chunk
@@ -130,10 +131,10 @@ def greedy_removals(
         raise PruningError(
             "the calibration batch has no solution tokens to compare; raise max_length"
         )
-    candidates = candidate_sublayers(adapter, layout.modules, config.units)
+    candidates = candidate_sublayers(adapter, layout.modules, config.unit_kinds)
     if sum(float(costs[m.units].sum()) for m in candidates) < budget - slack:
         raise PruningError(
-            f"target sparsity {config.sparsity} is unreachable by removing {config.units} "
+            f"target sparsity {config.sparsity} is unreachable by removing {config.unit_kinds} "
             "sub-layers; lower --sparsity or prune both unit kinds"
         )
     keep = torch.ones(layout.n_units, dtype=torch.bool)
@@ -162,14 +163,14 @@ def greedy_removals(
 
 
 @METHODS.register("finercut")
-def finercut(
-    model, tokenizer, adapter, config: PruneConfig, *, progress: bool = True
-) -> MethodResult:
+def finercut(context: PruneContext) -> MethodResult:
     """Remove whole attention / MLP sub-layers by least output change, to ``config.sparsity``."""
     started = time.perf_counter()
+    refuse_resume(context, "finercut")
+    model, adapter, config = context.model, context.adapter, context.config
     n_before = adapter.count_parameters(model)
-    batch = calibration_batch(model, tokenizer, config)
-    keep, steps, thin = greedy_removals(model, adapter, batch, config, n_before, progress)
+    batch = context.make_batch(1)
+    keep, steps, thin = greedy_removals(model, adapter, batch, config, n_before, context.progress)
     adapter.slice(model, keep)
     thinned = None
     if thin is not None:

@@ -12,17 +12,23 @@ from __future__ import annotations
 
 import time
 
-from ..config import PruneConfig
-from .base import METHODS, MethodResult, calibration_batch, prior_scores, prune_by_score
+from bonsai_prune.methods.base import (
+    METHODS,
+    MethodResult,
+    PruneContext,
+    prior_scores,
+    prune_by_score,
+    refuse_resume,
+)
 
 
 @METHODS.register("magnitude")
-def magnitude(
-    model, tokenizer, adapter, config: PruneConfig, *, progress: bool = True
-) -> MethodResult:
+def magnitude(context: PruneContext) -> MethodResult:
     """Remove the units with the smallest weight norm per parameter to ``config.sparsity``."""
     started = time.perf_counter()
+    refuse_resume(context, "magnitude")
+    model, adapter, config = context.model, context.adapter, context.config
     # the statistics collector runs a forward; the weight norms do not depend on it
-    batch = calibration_batch(model, tokenizer, config)
+    batch = context.make_batch(1)
     score = prior_scores(adapter, model, batch, "magnitude", config.seed)
     return prune_by_score(model, adapter, config, score, started, ranking="relative weight norm")

@@ -13,16 +13,21 @@ import time
 
 import torch
 
-from ..config import PruneConfig
-from .base import METHODS, MethodResult, prune_by_score
+from bonsai_prune.methods.base import (
+    METHODS,
+    MethodResult,
+    PruneContext,
+    prune_by_score,
+    refuse_resume,
+)
 
 
 @METHODS.register("random")
-def random_method(
-    model, tokenizer, adapter, config: PruneConfig, *, progress: bool = True
-) -> MethodResult:
+def random_method(context: PruneContext) -> MethodResult:
     """Remove uniformly random units (seeded) to ``config.sparsity``; needs no data."""
     started = time.perf_counter()
+    refuse_resume(context, "random")
+    model, adapter, config = context.model, context.adapter, context.config
     generator = torch.Generator().manual_seed(config.seed)
     score = torch.rand(adapter.layout(model).n_units, generator=generator, dtype=torch.float64)
     return prune_by_score(model, adapter, config, score, started, ranking="uniform draw")

@@ -13,14 +13,22 @@ from __future__ import annotations
 
 import time
 
-from ..config import PruneConfig
-from .base import METHODS, MethodResult, calibration_batch, prior_scores, prune_by_score
+from bonsai_prune.methods.base import (
+    METHODS,
+    MethodResult,
+    PruneContext,
+    prior_scores,
+    prune_by_score,
+    refuse_resume,
+)
 
 
 @METHODS.register("wanda")
-def wanda(model, tokenizer, adapter, config: PruneConfig, *, progress: bool = True) -> MethodResult:
+def wanda(context: PruneContext) -> MethodResult:
     """Remove the units with the smallest activation-weighted norm per parameter."""
     started = time.perf_counter()
-    batch = calibration_batch(model, tokenizer, config)
+    refuse_resume(context, "wanda")
+    model, adapter, config = context.model, context.adapter, context.config
+    batch = context.make_batch(1)
     score = prior_scores(adapter, model, batch, "wanda", config.seed)
     return prune_by_score(model, adapter, config, score, started, ranking="relative wanda")

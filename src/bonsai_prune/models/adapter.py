@@ -20,11 +20,12 @@ from typing import Any, Protocol
 
 import torch
 
-from ..errors import UnsupportedModelError
-from ..registry import Registry
+from bonsai_prune.errors import UnsupportedModelError
+from bonsai_prune.registry import Registry
 
 HEADS, NEURONS = "heads", "neurons"
-UNIT_KINDS = (HEADS, NEURONS)
+# what ``--unit-kinds`` accepts, and the module kinds each choice prunes
+UNIT_KINDS: dict[str, tuple[str, ...]] = {"both": (HEADS, NEURONS), HEADS: (HEADS,), NEURONS: (NEURONS,)}
 
 
 @dataclass(frozen=True)

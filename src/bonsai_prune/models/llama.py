@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .adapter import ADAPTERS, HEADS, NEURONS, UnitLayout
+from bonsai_prune.models.adapter import ADAPTERS, HEADS, NEURONS, UnitLayout
 
 ATTENTION_IMPLEMENTATION = "bonsai_sdpa"
 
@@ -117,6 +117,8 @@ class EmptyAttention(nn.Module):
         **kwargs,
     ):
         b, s, _ = hidden_states.shape
+        # transformers 5.2x passes the cache as ``cache``; earlier releases as ``past_key_values``
+        past_key_values = kwargs.get("cache", past_key_values)
         if past_key_values is not None:
             placeholder = hidden_states.new_zeros(b, 1, s, 1)  # (b, 1 "head", s, 1)
             past_key_values.update(placeholder, placeholder, self.layer_idx)
@@ -353,7 +355,7 @@ class _StatsCollector:
 
     def result(self):
         """UnitStats over the global unit vector (wanda: mean|x| times weight-column norm)."""
-        from ..priors import UnitStats
+        from bonsai_prune.core.priors import UnitStats
 
         if not self.n_tokens:
             raise RuntimeError("no forward pass ran inside collect_stats()")

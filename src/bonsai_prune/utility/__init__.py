@@ -4,10 +4,10 @@ Each named utility is a class in its own file, registered in ``UTILITIES``; impo
 package registers them. A plain callable ``(model, batch) -> float`` works as well.
 """
 
-from . import comprehensive, perplexity  # noqa: F401  (register the named utilities)
-from .base import UTILITIES, CalibrationBatch, Utility, build_batch
+from bonsai_prune.utility import comprehensive, perplexity  # noqa: F401  (register the named utilities)
+from bonsai_prune.utility.base import UTILITIES, Utility
 
-__all__ = ["UTILITIES", "CalibrationBatch", "Utility", "build_batch", "resolve_utility"]
+__all__ = ["UTILITIES", "Utility", "resolve_utility"]
 
 
 def resolve_utility(config) -> Utility:

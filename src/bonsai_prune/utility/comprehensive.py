@@ -18,10 +18,11 @@ from collections.abc import Callable
 
 import torch
 
-from ..config import UtilityConfig
-from .base import UTILITIES, CalibrationBatch
-from .metrics import ACCURACY_RULES, LEXICAL_METRICS
-from .semantic import SemanticScorer
+from bonsai_prune.config import UtilityConfig
+from bonsai_prune.core.metrics import ACCURACY_RULES, LEXICAL_METRICS
+from bonsai_prune.data.calibration import CalibrationBatch
+from bonsai_prune.utility.base import UTILITIES
+from bonsai_prune.utility.semantic import SemanticScorer
 
 
 @torch.no_grad()
@@ -42,7 +43,7 @@ def generate_greedy(
 
 def reference_prefixes(batch: CalibrationBatch, n_tokens: int) -> list[str]:
     """The first ``n_tokens`` tokens of each reference solution, as text."""
-    from ..prompts import worked_solution
+    from bonsai_prune.data.prompts import worked_solution
 
     tokenizer = batch.tokenizer
     prefixes = []

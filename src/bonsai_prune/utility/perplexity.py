@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 
-from .base import UTILITIES, CalibrationBatch, solution_nll
+from bonsai_prune.data.calibration import CalibrationBatch
+from bonsai_prune.utility.base import UTILITIES, solution_nll
 
 
 @UTILITIES.register("perplexity")

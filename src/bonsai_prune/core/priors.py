@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import Registry
+from bonsai_prune.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,18 @@ def round_half_up(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)  # 0.35 * 90 is 31.499999999999996 in floating point
 
 
-def units_to_remove(n_units: int, prune_fraction: float) -> int:
+def units_to_remove(n_units: int, sample_fraction: float) -> int:
     """Units a sampled mask removes from a module of ``n_units`` (before capping by candidates)."""
-    return round_half_up(prune_fraction * n_units)
+    return round_half_up(sample_fraction * n_units)
 
 
 def fixed_units(
-    prior: torch.Tensor, module_index: torch.Tensor, prune_fraction: float
+    prior: torch.Tensor, module_index: torch.Tensor, sample_fraction: float
 ) -> torch.Tensor:
     """Fixed-unit mask (U,) bool, True = fixed: each module's top ``ceil((1 - 2f) * n)`` by prior.
 
     prior (U,): higher = more important; module_index (U,) long: each unit's module;
-    prune_fraction: f, the fraction of each module a sampled mask removes, in [0, 1].
+    sample_fraction: f, the fraction of each module a sampled mask removes, in [0, 1].
 
     The fixed count is lowered where needed so that every module keeps at least
     ``2 * round(f * n)`` candidates (all of them when that exceeds n): then both masks of an
@@ -85,8 +85,8 @@ def fixed_units(
     f >= 0.5 nothing is.
     Ties in the prior go to the lower index (a stable sort), so the set is deterministic.
     """
-    if not 0.0 <= prune_fraction <= 1.0:
-        raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction}")
+    if not 0.0 <= sample_fraction <= 1.0:
+        raise ValueError(f"sample_fraction must be in [0, 1], got {sample_fraction}")
     if prior.shape != module_index.shape or prior.dim() != 1:
         raise ValueError(
             f"prior and module_index must be (U,) alike, got {tuple(prior.shape)} "
@@ -96,7 +96,7 @@ def fixed_units(
     if not bool(torch.isfinite(prior).all()):
         raise ValueError("prior has non-finite entries; a statistic overflowed or is missing")
     n_fixed = [
-        fixed_count(n, prune_fraction) for n in torch.bincount(module_index).tolist()
+        fixed_count(n, sample_fraction) for n in torch.bincount(module_index).tolist()
     ]  # (M,) per module
     # units grouped by module, each group in descending prior; stable sorts: ties by index
     order = torch.sort(prior, descending=True, stable=True).indices  # (U,)
@@ -109,8 +109,8 @@ def fixed_units(
     return fixed
 
 
-def fixed_count(n_units: int, prune_fraction: float) -> int:
+def fixed_count(n_units: int, sample_fraction: float) -> int:
     """Fixed units in a module of ``n_units``: ceil((1 - 2f) n), leaving 2 round(f n) free."""
     # the small tolerance stops 0.8 * 30 = 24.000000000000004 from fixing 25 units
-    n_fixed = max(0, math.ceil((1 - 2 * prune_fraction) * n_units - 1e-9))
-    return min(n_fixed, n_units - min(n_units, 2 * units_to_remove(n_units, prune_fraction)))
+    n_fixed = max(0, math.ceil((1 - 2 * sample_fraction) * n_units - 1e-9))
+    return min(n_fixed, n_units - min(n_units, 2 * units_to_remove(n_units, sample_fraction)))

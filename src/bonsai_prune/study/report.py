@@ -14,8 +14,10 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from . import io
-from .experiments import (
+from bonsai_prune.core.weights import format_weights
+from bonsai_prune.eval.stats import paired_difference
+from bonsai_prune.rundir import files as io
+from bonsai_prune.study.grid import (
     DENSE_LABEL,
     MAIN_GROUP,
     Cell,
@@ -25,9 +27,7 @@ from .experiments import (
     cell_dir,
     read_cell,
 )
-from .plots import plot_main
-from .stats import paired_difference
-from .utility.weights import format_weights
+from bonsai_prune.study.plots import plot_main
 
 # Paired comparisons: per-problem figures read from each cell's eval/generations.jsonl.
 # (key in a generation record, header, scale, format)
@@ -252,7 +252,7 @@ def _failures(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
 
 def _versions(records: dict[str, CellRecord]) -> list[str]:
     """The versions the runs recorded (each distinct set once), else those of this process."""
-    from .api import library_versions
+    from bonsai_prune.api import library_versions
 
     recorded = {
         tuple(sorted(r.prune_report["versions"].items()))

@@ -1,4 +1,4 @@
-"""The Bonsai round loop (DESIGN.md section 2), one function per step.
+"""Bonsai, the round loop (DESIGN.md section 2), one function per step.
 
 Each round, on the current (already physically pruned) model:
 prior -> fix the top units -> sample antithetic keep masks -> score every sub-model with the
@@ -20,15 +20,22 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from .config import PruneConfig
-from .data import Problem, sample_problems
-from .errors import PruningError
-from .models.adapter import HEADS, NEURONS, ArchitectureAdapter, UnitLayout
-from .priors import PRIORS, fixed_units
-from .regression import fit_importance
-from .sampling import sample_masks
-from .selection import round_budget, select_units
-from .utility.base import CalibrationBatch
+from bonsai_prune.config import PruneConfig
+from bonsai_prune.core.budget import (
+    check_reachable,
+    min_keep_per_module,
+    prunable_mask,
+    round_budget,
+    target_reached,
+)
+from bonsai_prune.core.priors import fixed_units
+from bonsai_prune.core.regression import fit_importance
+from bonsai_prune.core.sampling import sample_masks
+from bonsai_prune.core.selection import select_units
+from bonsai_prune.data.calibration import CalibrationBatch
+from bonsai_prune.errors import PruningError, RunDirectoryError
+from bonsai_prune.methods.base import METHODS, MethodResult, PruneContext
+from bonsai_prune.methods.forward import score_masks, unit_prior
 
 MAX_SAMPLE_FRACTION = 0.45  # 2f of a module must stay a strict subset of it
 
@@ -75,90 +82,6 @@ def round_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + index)
 
 
-def prunable_mask(layout: UnitLayout, units: str) -> torch.Tensor:
-    """BoolTensor (U,): units of the kinds the user asked to prune."""
-    kinds = {"both": (HEADS, NEURONS), "heads": (HEADS,), "neurons": (NEURONS,)}[units]
-    return layout.kind_mask(kinds)
-
-
-def min_keep_per_module(
-    adapter: ArchitectureAdapter, layout: UnitLayout, allow_empty: bool
-) -> torch.Tensor:
-    """LongTensor (M,): a module keeps at least one unit unless the user allows emptying it."""
-    return torch.tensor(
-        [
-            max(adapter.min_units(m.kind, allow_empty=allow_empty), 0 if allow_empty else 1)
-            for m in layout.modules
-        ]
-    )
-
-
-def check_reachable(adapter, model, config: PruneConfig, n_original: int) -> None:
-    """Fail before any work if the floors and unit kinds leave the target out of reach."""
-    layout = adapter.layout(model)
-    costs = adapter.unit_costs(model)
-    prunable = prunable_mask(layout, config.units)
-    floor = min_keep_per_module(adapter, layout, config.allow_empty_modules)
-    removable = 0.0
-    for (module, cost), keep_n in zip(layout.split(costs), floor.tolist(), strict=True):
-        if bool(prunable[module.units].all()):
-            # the cheapest units may stay; this is an upper bound, which is what we need
-            removable += float(cost.sort(descending=True).values[: module.n_units - keep_n].sum())
-    reachable = removable / n_original
-    if reachable + 1e-9 < config.sparsity - config.tolerance:
-        raise PruningError(
-            f"target sparsity {config.sparsity} is unreachable: pruning {config.units} with the "
-            f"per-module floors removes at most {reachable:.3f}; lower --sparsity, prune both "
-            "unit kinds, or pass --allow-empty-modules"
-        )
-
-
-def unit_prior(adapter, model, batch: CalibrationBatch, prior: str, generator) -> torch.Tensor:
-    """One forward per calibration problem (no padding to pollute the statistics)."""
-    with torch.no_grad():
-        with adapter.collect_stats(model) as stats:
-            for row in range(batch.input_ids.shape[0]):
-                length = int(batch.attention_mask[row].sum())
-                model.get_decoder()(input_ids=batch.input_ids[row : row + 1, :length])
-        return PRIORS.get(prior)(stats.result(), generator).double()
-
-
-def score_masks(
-    adapter,
-    model,
-    utility: Callable,
-    batch: CalibrationBatch,
-    masks: torch.Tensor,
-    masks_per_forward: int,
-    progress: bool,
-) -> torch.Tensor:
-    """Utility of each virtual sub-model (N,); non-finite results stay NaN for the caller.
-
-    A utility with a ``score_masks(model, batch, masks, apply_masks)`` method scores groups of
-    ``masks_per_forward`` sub-models in one batched forward; any other callable is called
-    once per mask inside ``adapter.apply_masks``.
-    """
-    n = masks.shape[0]
-    group = masks_per_forward if hasattr(utility, "score_masks") else 1
-    scores = torch.empty(n, dtype=torch.float64)
-    with tqdm(total=n, desc="  sub-models", leave=False, disable=not progress) as bar:
-        for start in range(0, n, group):
-            chunk = masks[start : start + group]
-            with torch.no_grad():
-                if group > 1:
-                    values = utility.score_masks(
-                        model, batch, chunk, lambda keep: adapter.apply_masks(model, keep)
-                    )
-                else:
-                    with adapter.apply_masks(model, chunk[0]):
-                        values = [utility(model, batch)]
-            for offset, value in enumerate(values):
-                value = float(value)
-                scores[start + offset] = value if math.isfinite(value) else float("nan")
-            bar.update(len(chunk))
-    return scores
-
-
 def replace_failures(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
     """A failed sub-model gets the worst utility of its round (documented rule)."""
     failed = ~torch.isfinite(scores)
@@ -196,11 +119,11 @@ def run_round(
     layout = adapter.layout(model)
     module_index = layout.module_index
     params_before = adapter.count_parameters(model)
-    budget = round_budget(n_original, params_before, config.sparsity, config.prune_frac)
+    budget = round_budget(n_original, params_before, config.sparsity, config.prune_fraction)
     fraction = min(MAX_SAMPLE_FRACTION, budget / params_before)
 
     prior = unit_prior(adapter, model, batch, config.prior, generator)  # (U,)
-    fixed = fixed_units(prior, module_index, fraction) | ~prunable_mask(layout, config.units)
+    fixed = fixed_units(prior, module_index, fraction) | ~prunable_mask(layout, config.unit_kinds)
     lap("prior")
 
     masks = sample_masks(
@@ -266,15 +189,6 @@ def run_round(
     )
 
 
-def target_reached(n_params: int, n_original: int, config: PruneConfig) -> bool:
-    return 1 - n_params / n_original >= config.sparsity - config.tolerance
-
-
-def calibration_problems(pool: list[Problem], config: PruneConfig, index: int) -> list[Problem]:
-    """The round's fixed calibration problems: the same for every sub-model of the round."""
-    return sample_problems(pool, config.calib_samples, seed=config.seed * 7919 + index)
-
-
 def iterate_rounds(
     model,
     adapter,
@@ -301,3 +215,50 @@ def iterate_rounds(
             index += 1
     finally:
         bar.close()
+
+
+def replay_rounds(model, adapter, completed: list[tuple[torch.Tensor, dict]]) -> None:
+    """Re-apply the saved keep masks of completed rounds: slicing is deterministic, so the
+    model ends exactly where the interrupted run stood."""
+    for index, (keep, figures) in enumerate(completed, start=1):
+        if keep.shape[0] != adapter.layout(model).n_units:
+            raise RunDirectoryError(f"saved round {index} does not fit the model; use a new --out")
+        adapter.slice(model, keep)
+        if adapter.count_parameters(model) != figures["params_after"]:
+            raise RunDirectoryError(f"replaying saved round {index} gave a different model")
+
+
+@METHODS.register("bonsai")
+def bonsai(context: PruneContext) -> MethodResult:
+    """Prune by rounds of sampled sub-models, regression and selection (resumable)."""
+    started = time.perf_counter()
+    model, adapter, config = context.model, context.adapter, context.config
+    n_original = adapter.count_parameters(model)
+    check_reachable(adapter, model, config, n_original)
+    replay_rounds(model, adapter, context.completed_rounds)
+    result = MethodResult(n_original, n_original, 0.0, 0.0)
+    result.round_figures = [figures for _, figures in context.completed_rounds]
+    result.keep_masks = [keep for keep, _ in context.completed_rounds]
+    for round_result in iterate_rounds(
+        model,
+        adapter,
+        context.utility,
+        context.make_batch,
+        config,
+        n_original,
+        start=len(context.completed_rounds) + 1,
+        progress=context.progress,
+    ):
+        result.rounds.append(round_result)
+        result.keep_masks.append(round_result.keep)
+        result.round_figures.append(round_result.figures())
+        if context.on_round is not None:
+            context.on_round(round_result)
+    result.params_after = adapter.count_parameters(model)
+    result.sparsity = 1 - result.params_after / n_original
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+bonsai.resumes = True  # type: ignore[attr-defined]  # api.prune: --resume continues its rounds
+bonsai.uses_utility = True  # type: ignore[attr-defined]  # it scores sub-models with config.utility

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
 
-from .data import final_answer, json_objects
-from .errors import ConfigError, DataError
-from .utility.metrics import (
+from bonsai_prune.core.metrics import (
     ACCURACY_RULES,
     LEXICAL_METRICS,
     clean_text,
@@ -22,8 +20,10 @@ from .utility.metrics import (
     parse_number,
     strict_accuracy,
 )
-from .utility.semantic import SemanticScorer
-from .utility.weights import validate_weights
+from bonsai_prune.core.weights import validate_weights
+from bonsai_prune.data.problems import final_answer, json_objects
+from bonsai_prune.errors import ConfigError, DataError
+from bonsai_prune.utility.semantic import SemanticScorer
 
 METRICS = ("accuracy", "lexical", "semantic")
 _WEIGHT_OF = {"accuracy": "acc", "lexical": "lex", "semantic": "sem"}

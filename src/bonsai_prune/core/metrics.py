@@ -17,8 +17,8 @@ import string
 from collections import Counter
 from collections.abc import Callable
 
-from ..data import final_answer, strip_annotations
-from ..errors import DataError
+from bonsai_prune.data.problems import final_answer, strip_annotations
+from bonsai_prune.errors import DataError
 
 # A number as it appears in running text. A leading '-' counts as a sign only when it does not
 # follow a word or ')' -- in "5-3=2" it is a minus, and the numbers are 5, 3 and 2.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-METHODS = ("ridge", "lasso")
+REGRESSIONS = ("ridge", "lasso")
 RIDGE_GRID = tuple(np.logspace(-3, 2, 11))  # times the design's mean eigenvalue, see below
 LASSO_GRID = tuple(np.logspace(-3, 0, 13))  # times the smallest alpha that zeroes every beta
 LASSO_MAX_ITER = 5000
@@ -62,8 +62,8 @@ def fit_importance(
     from sklearn.linear_model import LassoCV, RidgeCV  # deferred: a slow import
     from sklearn.model_selection import KFold
 
-    if method not in METHODS:
-        raise ValueError(f"unknown regression {method!r}; choose one of: {', '.join(METHODS)}")
+    if method not in REGRESSIONS:
+        raise ValueError(f"unknown regression {method!r}; choose one of: {', '.join(REGRESSIONS)}")
     if masks.dim() != 2 or scores.dim() != 1 or masks.shape[0] != scores.shape[0]:
         raise ValueError(
             f"masks must be (N, C) and scores (N,), got {tuple(masks.shape)} and "

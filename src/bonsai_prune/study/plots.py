@@ -10,7 +10,7 @@ import os
 import statistics
 from pathlib import Path
 
-from .experiments import DENSE_LABEL, Cell, CellRecord
+from bonsai_prune.study.grid import DENSE_LABEL, Cell, CellRecord
 
 PLOT_DPI = 120
 

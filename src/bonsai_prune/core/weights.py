@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from ..errors import ConfigError
+from bonsai_prune.errors import ConfigError
 
 NAMES = ("acc", "lex", "sem")
 ALIASES = {"accuracy": "acc", "lexical": "lex", "semantic": "sem"}

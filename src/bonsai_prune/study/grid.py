@@ -1,9 +1,9 @@
 """Experiment grids: many pruning runs and their GSM8K evaluations, cached cell by cell.
 
 ``load_grid`` reads a YAML grid file, expands it into cells and validates every one before any
-work starts, so a typo fails in a second rather than after hours. ``run_experiment`` prunes and
-evaluates each cell into ``OUT/cells/<key>/`` and skips the cells already complete: a killed
-study resumes at its first unfinished cell. :func:`bonsai_prune.report.write_report` turns the
+work starts, so a typo fails in a second rather than after hours. ``study.runner.run_experiment`` prunes
+and evaluates each cell into ``OUT/cells/<key>/`` and skips the cells already complete: a killed
+study resumes at its first unfinished cell. :func:`bonsai_prune.study.report.write_report` turns the
 cache into ``OUT/report.md`` and plots. Grid file (``out`` is relative to the working directory)::
 
     out: results/
@@ -30,20 +30,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from . import io
-from .api import prune
-from .config import PruneConfig, UtilityConfig
-from .errors import BonsaiPruneError, ConfigError
-from .evaluate import EvalConfig, evaluate
-from .models.adapter import adapter_for
-from .models.loading import load_model, resolve_dtype
+from bonsai_prune.api import check_registered
+from bonsai_prune.config import EvalConfig, PruneConfig, UtilityConfig
+from bonsai_prune.errors import ConfigError
+from bonsai_prune.methods import METHODS
+from bonsai_prune.rundir import files as io
 
 MAIN_GROUP = "main"
 DENSE_LABEL = "dense"
@@ -54,7 +51,6 @@ UTILITY_KEYS = tuple(f.name for f in dataclasses.fields(UtilityConfig))
 EVAL_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 EVAL_FROM_BASE = ("model", "dtype", "device")  # the evaluated model is the one base describes
 
-Loader = Callable[..., tuple]  # (spec, *, dtype, device) -> (model, tokenizer), like load_model
 
 
 @dataclass(frozen=True)
@@ -186,7 +182,7 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
 
 def cell_key(config: PruneConfig, eval_config: EvalConfig) -> str:
     """``<method>[-<utility>]-s<sparsity>-seed<seed>-<hash8>``: stable for equal configs."""
-    method = config.method + (f"-{config.utility.name}" if config.method == "bonsai" else "")
+    method = config.method + (f"-{config.utility.name}" if scores_submodels(config) else "")
     digest = _digest({"prune": config.to_dict(), "eval": eval_config.to_dict()})
     return f"{method}-s{config.sparsity:g}-seed{config.seed}-{digest}"
 
@@ -260,19 +256,20 @@ def _values(entry: dict, many: str, one: str, default, where: str) -> list:
 
 
 def _check_registered(config: PruneConfig, where: str) -> None:
-    """Unknown prior or utility names fail now, not when the cell's turn comes."""
-    from .priors import PRIORS
-    from .utility import UTILITIES
-
+    """Unknown method, prior or utility names fail now, not when the cell's turn comes."""
     try:
-        PRIORS.get(config.prior)
-        UTILITIES.get(config.utility.name)
+        check_registered(config)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
 def _default_label(config: PruneConfig) -> str:
-    return f"bonsai+{config.utility.name}" if config.method == "bonsai" else config.method
+    return f"{config.method}+{config.utility.name}" if scores_submodels(config) else config.method
+
+
+def scores_submodels(config: PruneConfig) -> bool:
+    """Whether the cell's method scores sub-models with ``config.utility`` (so it names it)."""
+    return getattr(METHODS.get(config.method), "uses_utility", False)
 
 
 def _check_duplicates(cells: list[Cell]) -> None:
@@ -322,155 +319,3 @@ def read_cell(grid: Grid, key: str) -> CellRecord:
         error=error["error"] if error else None,
         structure=structure,
     )
-
-
-# ---- running -----------------------------------------------------------------------------------
-
-
-def run_experiment(
-    grid_path: str | Path,
-    *,
-    progress: bool = True,
-    only: str | Sequence[str] | None = None,
-    load: Loader | None = None,
-    write_report: bool = True,
-) -> ExperimentResult:
-    """Prune and evaluate every cell of a grid file not already in its cache, then report.
-
-    progress: tqdm bars inside each prune and evaluation (one line per cell is always printed).
-    only: run just the cells whose name (label), group or key is one of these; the dense
-        evaluation always runs, and the report shows every cell the cache holds.
-    load: ``(spec, *, dtype, device) -> (model, tokenizer)``; default :func:`load_model`
-        (tests pass a tiny model here).
-    write_report: write OUT/report.md and the plots at the end.
-    """
-    began = time.perf_counter()
-    grid = load_grid(grid_path)
-    load = load or load_model
-    cells = _select(grid, only)
-    print(f"experiment {grid.path}: {len(cells)} cell(s) + dense -> {grid.out}", flush=True)
-    outcomes = [_run_dense(grid, load, progress)]
-    print(f"[dense] {_cell_line(grid, None, outcomes[0])}", flush=True)
-    for number, cell in enumerate(cells, start=1):
-        outcome = _run_cell(grid, cell, load, progress)
-        outcomes.append(outcome)
-        print(f"[{number}/{len(cells)}] {_cell_line(grid, cell, outcome)}", flush=True)
-    result = ExperimentResult(grid, outcomes, time.perf_counter() - began)
-    if write_report:
-        from .report import write_report as write
-
-        result.report_path = write(result)
-        print(f"report: {result.report_path}", flush=True)
-    return result
-
-
-def _select(grid: Grid, only: str | Sequence[str] | None) -> list[Cell]:
-    cells = grid.unique_cells()
-    if only is None:
-        return cells
-    wanted = {only} if isinstance(only, str) else set(only)
-    chosen = {c.key for c in grid.cells if wanted & {c.label, c.group, c.key}}
-    if not chosen:
-        names = sorted({c.label for c in grid.cells} | {c.group for c in grid.cells})
-        raise ConfigError(
-            f"--only {', '.join(sorted(wanted))} matches no cell; names: {', '.join(names)}"
-        )
-    return [c for c in cells if c.key in chosen]
-
-
-def _run_dense(grid: Grid, load: Loader, progress: bool) -> CellOutcome:
-    folder, config = cell_dir(grid, grid.dense_key), grid.eval_config
-    if read_cell(grid, grid.dense_key).done:
-        return CellOutcome(grid.dense_key, DENSE_LABEL, "cached", 0.0)
-    began = time.perf_counter()
-    try:
-        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-        io.atomic_write_json(folder / "structure.json", adapter_for(model).structure(model))
-        evaluate(
-            config, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress
-        )
-    except BonsaiPruneError as e:
-        return _failed(folder, grid.dense_key, DENSE_LABEL, e, began)
-    (folder / "error.json").unlink(missing_ok=True)
-    return CellOutcome(grid.dense_key, DENSE_LABEL, "ran", time.perf_counter() - began)
-
-
-def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutcome:
-    """Prune (or resume, or reload a finished prune) and evaluate one cell."""
-    folder, config = cell_dir(grid, cell.key), cell.prune_config
-    record = read_cell(grid, cell.key)
-    if record.done:
-        return CellOutcome(cell.key, cell.label, "cached", 0.0)
-    began = time.perf_counter()
-    run = folder / "run"
-    io.atomic_write_json(
-        folder / "cell.json",
-        {
-            "key": cell.key,
-            "label": cell.label,
-            "group": cell.group,
-            "grid": grid.path,
-            "prune_config": config.to_dict(),
-            "eval_config": grid.eval_config.to_dict(),
-        },
-    )
-    try:
-        if (record.prune_report or {}).get("complete") and io.is_pruned_dir(run):
-            model, tokenizer = io.load_pruned(run, device=config.device)  # only the eval was lost
-            model = model.to(resolve_dtype(config.dtype, config.device))
-        else:
-            model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-            resume = config.method == "bonsai" and (run / "config.json").is_file()
-            pruned = prune(
-                config,
-                model=model,
-                tokenizer=tokenizer,
-                out_dir=run,
-                progress=progress,
-                resume=resume,
-                overwrite=not resume,
-            )
-            model = pruned.model
-        labelled = replace(grid.eval_config, model=str(run))  # sizes the files on disk
-        evaluate(
-            labelled, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress
-        )
-    except BonsaiPruneError as e:
-        return _failed(folder, cell.key, cell.label, e, began)
-    (folder / "error.json").unlink(missing_ok=True)
-    return CellOutcome(cell.key, cell.label, "ran", time.perf_counter() - began)
-
-
-def _failed(folder: Path, key: str, label: str, error: Exception, began: float) -> CellOutcome:
-    message = f"{type(error).__name__}: {error}"
-    io.atomic_write_json(folder / "error.json", {"error": message})
-    return CellOutcome(key, label, "failed", time.perf_counter() - began, message)
-
-
-def _cell_line(grid: Grid, cell: Cell | None, outcome: CellOutcome) -> str:
-    """One line per finished cell: what it is, then its headline figures or why it failed."""
-    what = (
-        DENSE_LABEL
-        if cell is None
-        else (f"{cell.label} s={cell.prune_config.sparsity:g} seed={cell.prune_config.seed}")
-    )
-    if outcome.status == "failed":
-        return f"{what}: FAILED {outcome.error}"
-    if outcome.status == "cached":
-        return f"{what}: cached ({outcome.key})"
-    record = read_cell(grid, outcome.key)
-    s = record.summary or {}
-    low, high = s.get("accuracy_strict_ci") or (None, None)
-    prune_s = (record.prune_report or {}).get("wall_s")
-    return (
-        f"{what}: strict {_number(s.get('accuracy_strict'), 100, '.1f')}%"
-        f" [{_number(low, 100, '.1f')}, {_number(high, 100, '.1f')}]"
-        f"  U† {_number(s.get('u_dagger'), 1, '.1f')}"
-        f"  ppl {_number(s.get('reference_perplexity'), 1, '.2f')}"
-        + (f"  prune {prune_s:.0f} s" if prune_s is not None else "")
-        + f"  eval {_number(s.get('wall_s'), 1, '.0f')} s  ({outcome.key})"
-    )
-
-
-def _number(value: float | None, scale: float, fmt: str) -> str:
-    return "n/a" if value is None else format(scale * value, fmt)

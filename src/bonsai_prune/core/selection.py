@@ -23,18 +23,6 @@ class Selection(NamedTuple):
     removed_params: float  # sum of the costs of the units removed by this selection
 
 
-def round_budget(
-    n_original: int, n_current: int, target_sparsity: float, prune_fraction: float
-) -> float:
-    """Parameters to remove this round: f of the original count, clipped at the target.
-
-    ``min(f * n_original, n_current - (1 - p) * n_original)`` and never negative, so the last
-    round removes only what is left to reach sparsity p instead of overshooting it.
-    """
-    left_to_target = n_current - (1.0 - target_sparsity) * n_original
-    return max(0.0, min(prune_fraction * n_original, left_to_target))
-
-
 def select_units(
     score: torch.Tensor,
     unit_costs: torch.Tensor,

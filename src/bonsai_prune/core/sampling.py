@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from .priors import units_to_remove
+from bonsai_prune.core.priors import units_to_remove
 
 EPSILON = 1e-6  # sampling-weight floor, relative to the module's largest gap (or to 1)
 REMOVAL_COUNTS = ("varied", "fixed")
@@ -44,23 +44,23 @@ def removal_weights(prior: torch.Tensor) -> torch.Tensor:
     return gap + EPSILON * (largest if largest > 0 else 1.0)  # relative: the prior's scale is free
 
 
-def removals_per_module(n_units: int, n_candidates: int, prune_fraction: float) -> int:
+def removals_per_module(n_units: int, n_candidates: int, sample_fraction: float) -> int:
     """Units the first mask of a pair removes from one module.
 
     ``round(f * n)`` (half up), capped by the candidates, and at least 1 whenever the module
     has candidates and f > 0: a candidate that no mask ever removes has a constant column in
     the regression, gets beta = 0, and would be ranked by an artefact rather than by data.
     """
-    if n_candidates == 0 or prune_fraction <= 0:
+    if n_candidates == 0 or sample_fraction <= 0:
         return 0
-    return min(n_candidates, max(1, units_to_remove(n_units, prune_fraction)))
+    return min(n_candidates, max(1, units_to_remove(n_units, sample_fraction)))
 
 
 def sample_masks(
     prior: torch.Tensor,
     fixed: torch.Tensor,
     module_index: torch.Tensor,
-    prune_fraction: float,
+    sample_fraction: float,
     n_pairs: int,
     *,
     generator: torch.Generator,
@@ -69,7 +69,7 @@ def sample_masks(
     """Keep masks (2 * n_pairs, U) bool, True = keep; rows 2i and 2i+1 are an antithetic pair.
 
     prior (U,): higher = more important; fixed (U,) bool: units kept in every mask (see
-    ``priors.fixed_units``); module_index (U,) long: each unit's module; prune_fraction: f in
+    ``priors.fixed_units``); module_index (U,) long: each unit's module; sample_fraction: f in
     [0, 1]; generator: a CPU generator, the only source of randomness; removal_counts:
     "fixed" or "varied" (see the module docstring).
 
@@ -81,8 +81,8 @@ def sample_masks(
         raise ValueError(
             f"unknown removal_counts {removal_counts!r}; choose one of: {', '.join(REMOVAL_COUNTS)}"
         )
-    if not 0.0 <= prune_fraction <= 1.0:
-        raise ValueError(f"prune_fraction must be in [0, 1], got {prune_fraction}")
+    if not 0.0 <= sample_fraction <= 1.0:
+        raise ValueError(f"sample_fraction must be in [0, 1], got {sample_fraction}")
     if n_pairs < 0:
         raise ValueError(f"n_pairs must be >= 0, got {n_pairs}")
     if not (prior.shape == fixed.shape == module_index.shape) or prior.dim() != 1:
@@ -100,7 +100,7 @@ def sample_masks(
     sizes = torch.bincount(module_index).tolist()  # (M,)
     for units in torch.split(by_module, sizes):  # (n,) global indices of one module
         candidates = units[~fixed[units]]  # (c,)
-        k = removals_per_module(units.numel(), candidates.numel(), prune_fraction)
+        k = removals_per_module(units.numel(), candidates.numel(), sample_fraction)
         if k == 0:
             continue
         weights = removal_weights(prior[candidates]).expand(n_pairs, -1)  # (P, c)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import random
 
-from .data import Problem, load_gsm8k, strip_annotations
+from bonsai_prune.data.problems import Problem, load_gsm8k, strip_annotations
 
+PROMPT_STYLES = ("chat", "plain")
 INSTRUCTION = "Solve the math problem step by step. End with '#### <final answer>'."
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import DataError
+from bonsai_prune.errors import DataError
 
 SPLITS = ("train", "test")
 _ANNOTATION = re.compile(r"<<[^>]*>>")

@@ -14,82 +14,28 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import PROMPT_STYLES, _check_choice, _JsonConfig
-from .data import SPLITS, Problem, load_gsm8k
-from .errors import ConfigError, ModelLoadError, UnsupportedModelError
-from .io import MODEL_DIR, atomic_write_json, atomic_write_text, is_pruned_dir
-from .models.adapter import adapter_for
-from .models.loading import DEFAULT_MODEL, DTYPES, load_model, packaged_gguf
-from .prompts import exemplars, format_prompt
-from .scoring import score_texts
-from .stats import CI_LEVEL, bootstrap_ci
-from .utility.base import build_batch, solution_nll
-from .utility.metrics import ACCURACY_RULES, LEXICAL_METRICS
-from .utility.weights import DEFAULT_WEIGHTS, validate_weights
+from bonsai_prune.config import EvalConfig
+from bonsai_prune.data.calibration import build_batch
+from bonsai_prune.data.problems import Problem, load_gsm8k
+from bonsai_prune.data.prompts import exemplars, format_prompt
+from bonsai_prune.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from bonsai_prune.eval.stats import CI_LEVEL, bootstrap_ci
+from bonsai_prune.models.adapter import adapter_for
+from bonsai_prune.models.loading import DEFAULT_MODEL, load_model, packaged_gguf
+from bonsai_prune.models.pruned import MODEL_DIR, is_pruned_dir
+from bonsai_prune.rundir.files import atomic_write_json, atomic_write_text
+from bonsai_prune.utility.base import solution_nll
+from bonsai_prune.utility.combine import score_texts
 
-DEVICES = ("cpu", "cuda")
 CI_METRICS = ("accuracy_strict", "accuracy_contains", "u_dagger")
 MEAN_METRICS = ("accuracy_strict", "accuracy_contains", "lexical", "semantic", "u_dagger")
-
-
-@dataclass(frozen=True)
-class EvalConfig(_JsonConfig):
-    """One evaluation of one model on GSM8K (JSON round-trip via to_dict / from_dict)."""
-
-    model: str = DEFAULT_MODEL
-    dtype: str = "auto"  # bf16 where the hardware has it natively, else fp32
-    device: str = "cpu"
-    split: str = "test"
-    limit: int | None = None  # the first `limit` problems of the split; None = all of them
-    max_new_tokens: int = 256  # enough for a full solution to reach its final answer
-    batch_size: int = 16
-    prompt: str = "chat"
-    shots: int = 0
-    weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
-    accuracy: str = "strict"
-    lexical: str = "rouge_numbers"
-    n_bootstrap: int = 1000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", validate_weights(dict(self.weights)))
-        if not isinstance(self.model, str) or not self.model.strip():
-            raise ConfigError(f"model must be a non-empty string, got {self.model!r}")
-        _check_choice("dtype", self.dtype, ("auto", *DTYPES))
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("split", self.split, SPLITS)
-        _check_choice("prompt style", self.prompt, PROMPT_STYLES)
-        _check_choice("accuracy rule", self.accuracy, tuple(ACCURACY_RULES))
-        _check_choice("lexical metric", self.lexical, tuple(LEXICAL_METRICS))
-        if self.limit is not None:
-            _check_int("limit", self.limit, minimum=1, hint="or None for the whole split")
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
-        _check_int("batch_size", self.batch_size, minimum=1)
-        _check_int("n_bootstrap", self.n_bootstrap, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
-        _check_int("shots", self.shots, minimum=0, maximum=8)
-
-
-def _check_int(
-    name: str, value, *, minimum: int, maximum: int | None = None, hint: str = ""
-) -> None:
-    accepted = (
-        f"an integer >= {minimum}" if maximum is None else f"an integer in [{minimum}, {maximum}]"
-    )
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
-        raise ConfigError(f"{name} must be {accepted}{' ' + hint if hint else ''}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""The run directory: atomic files, rounds saved as they finish, resume."""

@@ -1,0 +1,1 @@
+"""Studies: grids of prune + evaluate cells, cached; their runner, report and plots."""

@@ -1,0 +1,177 @@
+"""Running a grid: prune and evaluate each cell not yet in the cache, one line per cell.
+
+A killed study resumes at its first unfinished cell (and inside a cell, an iterative method
+resumes at its first unfinished round). The report is the caller's to write
+(:func:`bonsai_prune.study.report.write_report`), from the cache alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from bonsai_prune.api import prune
+from bonsai_prune.errors import BonsaiPruneError, ConfigError
+from bonsai_prune.eval.gsm8k import evaluate
+from bonsai_prune.methods import METHODS
+from bonsai_prune.models.adapter import adapter_for
+from bonsai_prune.models.loading import load_model, resolve_dtype
+from bonsai_prune.models.pruned import is_pruned_dir, load_pruned
+from bonsai_prune.rundir import files as io
+from bonsai_prune.study.grid import (
+    DENSE_LABEL,
+    Cell,
+    CellOutcome,
+    ExperimentResult,
+    Grid,
+    cell_dir,
+    load_grid,
+    read_cell,
+)
+
+Loader = Callable[..., tuple]  # (spec, *, dtype, device) -> (model, tokenizer), like load_model
+
+
+def run_experiment(
+    grid_path: str | Path,
+    *,
+    progress: bool = True,
+    only: str | Sequence[str] | None = None,
+    load: Loader | None = None,
+) -> ExperimentResult:
+    """Prune and evaluate every cell of a grid file not already in its cache, then report.
+
+    progress: tqdm bars inside each prune and evaluation (one line per cell is always printed).
+    only: run just the cells whose name (label), group or key is one of these; the dense
+        evaluation always runs, and the report shows every cell the cache holds.
+    load: ``(spec, *, dtype, device) -> (model, tokenizer)``; default :func:`load_model`
+        (tests pass a tiny model here).
+    """
+    began = time.perf_counter()
+    grid = load_grid(grid_path)
+    load = load or load_model
+    cells = _select(grid, only)
+    print(f"experiment {grid.path}: {len(cells)} cell(s) + dense -> {grid.out}", flush=True)
+    outcomes = [_run_dense(grid, load, progress)]
+    print(f"[dense] {_cell_line(grid, None, outcomes[0])}", flush=True)
+    for number, cell in enumerate(cells, start=1):
+        outcome = _run_cell(grid, cell, load, progress)
+        outcomes.append(outcome)
+        print(f"[{number}/{len(cells)}] {_cell_line(grid, cell, outcome)}", flush=True)
+    return ExperimentResult(grid, outcomes, time.perf_counter() - began)
+
+
+def _select(grid: Grid, only: str | Sequence[str] | None) -> list[Cell]:
+    cells = grid.unique_cells()
+    if only is None:
+        return cells
+    wanted = {only} if isinstance(only, str) else set(only)
+    chosen = {c.key for c in grid.cells if wanted & {c.label, c.group, c.key}}
+    if not chosen:
+        names = sorted({c.label for c in grid.cells} | {c.group for c in grid.cells})
+        raise ConfigError(
+            f"--only {', '.join(sorted(wanted))} matches no cell; names: {', '.join(names)}"
+        )
+    return [c for c in cells if c.key in chosen]
+
+
+def _run_dense(grid: Grid, load: Loader, progress: bool) -> CellOutcome:
+    folder, config = cell_dir(grid, grid.dense_key), grid.eval_config
+    if read_cell(grid, grid.dense_key).done:
+        return CellOutcome(grid.dense_key, DENSE_LABEL, "cached", 0.0)
+    began = time.perf_counter()
+    try:
+        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+        io.atomic_write_json(folder / "structure.json", adapter_for(model).structure(model))
+        evaluate(
+            config, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress
+        )
+    except BonsaiPruneError as e:
+        return _failed(folder, grid.dense_key, DENSE_LABEL, e, began)
+    (folder / "error.json").unlink(missing_ok=True)
+    return CellOutcome(grid.dense_key, DENSE_LABEL, "ran", time.perf_counter() - began)
+
+
+def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutcome:
+    """Prune (or resume, or reload a finished prune) and evaluate one cell."""
+    folder, config = cell_dir(grid, cell.key), cell.prune_config
+    record = read_cell(grid, cell.key)
+    if record.done:
+        return CellOutcome(cell.key, cell.label, "cached", 0.0)
+    began = time.perf_counter()
+    run = folder / "run"
+    io.atomic_write_json(
+        folder / "cell.json",
+        {
+            "key": cell.key,
+            "label": cell.label,
+            "group": cell.group,
+            "grid": grid.path,
+            "prune_config": config.to_dict(),
+            "eval_config": grid.eval_config.to_dict(),
+        },
+    )
+    try:
+        if (record.prune_report or {}).get("complete") and is_pruned_dir(run):
+            model, tokenizer = load_pruned(run, device=config.device)  # only the eval was lost
+            model = model.to(resolve_dtype(config.dtype, config.device))
+        else:
+            model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+            resume = getattr(METHODS.get(config.method), "resumes", False) and (
+                run / "config.json"
+            ).is_file()
+            pruned = prune(
+                config,
+                model=model,
+                tokenizer=tokenizer,
+                out_dir=run,
+                progress=progress,
+                resume=resume,
+                overwrite=not resume,
+            )
+            model = pruned.model
+        labelled = replace(grid.eval_config, model=str(run))  # sizes the files on disk
+        evaluate(
+            labelled, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress
+        )
+    except BonsaiPruneError as e:
+        return _failed(folder, cell.key, cell.label, e, began)
+    (folder / "error.json").unlink(missing_ok=True)
+    return CellOutcome(cell.key, cell.label, "ran", time.perf_counter() - began)
+
+
+def _failed(folder: Path, key: str, label: str, error: Exception, began: float) -> CellOutcome:
+    message = f"{type(error).__name__}: {error}"
+    io.atomic_write_json(folder / "error.json", {"error": message})
+    return CellOutcome(key, label, "failed", time.perf_counter() - began, message)
+
+
+def _cell_line(grid: Grid, cell: Cell | None, outcome: CellOutcome) -> str:
+    """One line per finished cell: what it is, then its headline figures or why it failed."""
+    what = (
+        DENSE_LABEL
+        if cell is None
+        else (f"{cell.label} s={cell.prune_config.sparsity:g} seed={cell.prune_config.seed}")
+    )
+    if outcome.status == "failed":
+        return f"{what}: FAILED {outcome.error}"
+    if outcome.status == "cached":
+        return f"{what}: cached ({outcome.key})"
+    record = read_cell(grid, outcome.key)
+    s = record.summary or {}
+    low, high = s.get("accuracy_strict_ci") or (None, None)
+    prune_s = (record.prune_report or {}).get("wall_s")
+    return (
+        f"{what}: strict {_number(s.get('accuracy_strict'), 100, '.1f')}%"
+        f" [{_number(low, 100, '.1f')}, {_number(high, 100, '.1f')}]"
+        f"  U† {_number(s.get('u_dagger'), 1, '.1f')}"
+        f"  ppl {_number(s.get('reference_perplexity'), 1, '.2f')}"
+        + (f"  prune {prune_s:.0f} s" if prune_s is not None else "")
+        + f"  eval {_number(s.get('wall_s'), 1, '.0f')} s  ({outcome.key})"
+    )
+
+
+def _number(value: float | None, scale: float, fmt: str) -> str:
+    return "n/a" if value is None else format(scale * value, fmt)
