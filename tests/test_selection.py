@@ -269,3 +269,46 @@ def test_round_budgets_reach_the_target_exactly(target: float, fraction: float, 
     assert len(budgets) == rounds
     assert current == pytest.approx((1 - target) * n_original)
     assert all(b <= fraction * n_original + 1e-9 for b in budgets)
+
+
+# ---- shared costs: a K/V head is freed with its group's last query head ----------------------
+
+
+def test_shared_group_cost_is_charged_to_the_last_unit_of_the_group():
+    from bonsai_prune.core.selection import SharedCosts
+
+    score = torch.tensor([0.0, 1.0, 2.0, 3.0])  # units 0, 1 share group 0; 2, 3 share group 1
+    own = torch.full((4,), 10.0)
+    shared = SharedCosts(torch.tensor([0, 0, 1, 1]), torch.tensor([100.0, 100.0]))
+    module = torch.zeros(4, dtype=torch.long)
+    one = select_units(score, own, 15.0, module, torch.tensor([0]), shared=shared)
+    assert one.keep.tolist() == [False, True, True, True] and one.removed_params == 10.0
+    # unit 1 would free its group (10 + 100) but only 25 is left: skipped; unit 2 still fits
+    two = select_units(score, own, 35.0, module, torch.tensor([0]), shared=shared)
+    assert two.keep.tolist() == [False, True, False, True] and two.removed_params == 20.0
+    whole = select_units(score, own, 120.0, module, torch.tensor([0]), shared=shared)
+    assert whole.keep.tolist() == [False, False, True, True] and whole.removed_params == 120.0
+
+
+def test_selection_frees_exactly_what_it_counts_on_a_sliced_model():
+    """Any selection on a GQA model: parameters freed by slicing == removed_params."""
+    from conftest import tiny_llama
+
+    from bonsai_prune.core.budget import selection_costs
+    from bonsai_prune.models import adapter_for
+
+    for seed in range(5):
+        model = tiny_llama(seed=seed)
+        adapter = adapter_for(model)
+        layout = adapter.layout(model)
+        costs, shared = selection_costs(adapter, model)
+        score = torch.rand(layout.n_units, generator=torch.Generator().manual_seed(seed))
+        floors = torch.ones(len(layout.modules), dtype=torch.long)
+        budget = 0.3 * adapter.count_parameters(model)
+        selection = select_units(
+            score.double(), costs, budget, layout.module_index, floors, shared=shared
+        )
+        before = adapter.count_parameters(model)
+        adapter.slice(model, selection.keep)
+        assert before - adapter.count_parameters(model) == selection.removed_params
+        assert selection.removed_params <= budget

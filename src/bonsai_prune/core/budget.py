@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from bonsai_prune.config import PruneConfig
+from bonsai_prune.core.selection import SharedCosts
 from bonsai_prune.errors import PruningError
 from bonsai_prune.models.adapter import UNIT_KINDS, ArchitectureAdapter, UnitLayout
 
@@ -66,3 +67,11 @@ def check_reachable(adapter, model, config: PruneConfig, n_original: int) -> Non
             f"per-module floors removes at most {reachable:.3f}; lower --sparsity, prune both "
             "unit kinds, or pass --allow-empty-modules"
         )
+
+
+def selection_costs(adapter, model) -> tuple[torch.Tensor, SharedCosts | None]:
+    """What :func:`select_units` charges: exact costs with shared groups where the adapter
+    knows them (K/V heads freed with their group's last query head), else even shares."""
+    if hasattr(adapter, "shared_costs"):
+        return adapter.shared_costs(model)
+    return adapter.unit_costs(model), None

@@ -16,6 +16,19 @@ from typing import NamedTuple
 import torch
 
 
+class SharedCosts(NamedTuple):
+    """Parameters several units share, freed only when the last of them goes.
+
+    A grouped-query attention layer's K/V head serves a group of query heads: removing one
+    query head frees its q rows and o columns, and the K/V rows only with the group's last
+    head. Charging each head an even share of the K/V instead over-counts what a partly
+    removed group frees, and the run ends short of its budget (then needs a mop-up round).
+    """
+
+    group: torch.Tensor  # (U,) long: the shared group of each unit, -1 for none
+    cost: torch.Tensor  # (G,) parameters freed when every unit of group g is removed
+
+
 class Selection(NamedTuple):
     """The units a round keeps and the parameters their removal frees."""
 
@@ -30,6 +43,7 @@ def select_units(
     module_index: torch.Tensor,
     min_keep: torch.Tensor,
     current_keep: torch.Tensor | None = None,
+    shared: SharedCosts | None = None,
 ) -> Selection:
     """Keep mask (U,) that removes the least important units until ``budget`` is spent.
 
@@ -39,6 +53,9 @@ def select_units(
     module keeps (1, or 0 where emptying a module is allowed).
     current_keep (U,) bool, optional: units already removed (False) stay removed, do not count
     towards their module's floor, and are not charged to the budget again.
+    shared, optional: parameters groups of units share (K/V heads). Then ``unit_costs`` are
+    the units' own parameters, and removing the last kept unit of a group also frees (and is
+    charged) the group's cost, so ``removed_params`` is exactly what slicing frees.
 
     Greedy, as in Bonsai: a unit that does not fit is skipped and the walk goes on; it ends
     when what is left of the budget is below the cost of every unit still ahead.
@@ -75,15 +92,26 @@ def select_units(
     cheapest_ahead = costs[order].flip(0).cummin(0).values.flip(0).tolist()
     unit_cost = costs.tolist()
     unit_module = module_index.tolist()
+    if shared is not None:
+        unit_group = shared.group.cpu().tolist()
+        group_cost = shared.cost.detach().cpu().double().tolist()
+        in_group = shared.group.cpu()[keep & (shared.group.cpu() >= 0)]
+        kept_in_group = torch.bincount(in_group, minlength=len(group_cost)).tolist()
     left, removed = float(budget), 0.0
     for position, unit in enumerate(order.tolist()):
         if left < cheapest_ahead[position]:
             break
         module = unit_module[unit]
-        if unit_cost[unit] > left or kept_in_module[module] <= floor[module]:
+        cost = unit_cost[unit]
+        group = unit_group[unit] if shared is not None else -1
+        if group >= 0 and kept_in_group[group] == 1:
+            cost += group_cost[group]  # the group's last unit frees what they share
+        if cost > left or kept_in_module[module] <= floor[module]:
             continue
         keep[unit] = False
         kept_in_module[module] -= 1
-        left -= unit_cost[unit]
-        removed += unit_cost[unit]
+        if group >= 0:
+            kept_in_group[group] -= 1
+        left -= cost
+        removed += cost
     return Selection(keep, removed)

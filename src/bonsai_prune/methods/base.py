@@ -20,7 +20,12 @@ from typing import Any, NamedTuple
 import torch
 
 from bonsai_prune.config import PruneConfig
-from bonsai_prune.core.budget import check_reachable, min_keep_per_module, prunable_mask
+from bonsai_prune.core.budget import (
+    check_reachable,
+    min_keep_per_module,
+    prunable_mask,
+    selection_costs,
+)
 from bonsai_prune.core.selection import select_units
 from bonsai_prune.data.calibration import CalibrationBatch, batch_maker
 from bonsai_prune.data.problems import load_gsm8k, load_problems
@@ -174,10 +179,9 @@ def prune_to_target(
     n_reference: the parameter count the target sparsity is measured against.
     allow_empty: per-module floors (default: ``config.allow_empty_modules``).
 
-    A pass selects within the parameters still to remove and slices. Unit costs split a K/V
-    head evenly among its query heads, so a pass that leaves part of a group frees a little
-    less than it counted; the next pass, on the sliced model with fresh costs, removes the
-    rest. When nothing fits any more but the target is still more than ``tolerance`` away,
+    A pass selects within the parameters still to remove and slices; selection charges a K/V
+    head to its group's last query head (``core.budget.selection_costs``), so a pass frees
+    what it counted. When nothing fits any more but the target is still more than ``tolerance`` away,
     the lowest-scored removable unit goes as well: the target is overshot by under one unit.
     """
     allow_empty = config.allow_empty_modules if allow_empty is None else allow_empty
@@ -192,8 +196,10 @@ def prune_to_target(
         layout = adapter.layout(model)
         floors = module_floors(adapter, layout, allow_empty)
         remaining = adapter.count_parameters(model) - target_params
-        costs = adapter.unit_costs(model)
-        keep = select_units(score, costs, remaining, layout.module_index, floors).keep
+        costs, shared = selection_costs(adapter, model)
+        keep = select_units(
+            score, costs, remaining, layout.module_index, floors, shared=shared
+        ).keep
         if bool(keep.all()):
             keep = _remove_one_more(score, layout, floors)
         adapter.slice(model, keep)

@@ -26,6 +26,7 @@ from bonsai_prune.core.budget import (
     min_keep_per_module,
     prunable_mask,
     round_budget,
+    selection_costs,
     target_reached,
 )
 from bonsai_prune.core.priors import fixed_units
@@ -149,12 +150,14 @@ def run_round(
     fit = fit_importance(masks[:, candidates], scores, method=config.regression)
     beta = torch.full((layout.n_units,), math.inf, dtype=torch.float64)
     beta[candidates] = fit.beta.double()
+    costs, shared = selection_costs(adapter, model)
     selection = select_units(
         beta,
-        adapter.unit_costs(model),
+        costs,
         budget,
         module_index,
         min_keep_per_module(adapter, layout, config.allow_empty_modules),
+        shared=shared,
     )
     lap("regression")
 

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from bonsai_prune.core.selection import SharedCosts
 from bonsai_prune.models.adapter import ADAPTERS, HEADS, NEURONS, UnitLayout
 
 ATTENTION_IMPLEMENTATION = "bonsai_sdpa"
@@ -194,6 +195,31 @@ class LlamaAdapter:
         q_bias = hd if attn.q_proj.bias is not None else 0
         kv_share = 2 * (hd * hidden + (hd if attn.k_proj.bias is not None else 0))
         return 2 * hd * hidden + q_bias + kv_share / group_size
+
+    def shared_costs(self, model) -> tuple[torch.Tensor, SharedCosts]:
+        """(own costs (U,), SharedCosts): each head's q rows and o columns alone, and each K/V
+        head as a group freed with its last query head; neurons share nothing. Selection with
+        these frees exactly what it counts (``unit_costs`` spreads K/V evenly instead)."""
+        own, groups, group_costs = [], [], []
+        for layer in self._layers(model):
+            attn, mlp = layer.self_attn, layer.mlp
+            hidden = mlp.down_proj.out_features
+            if not isinstance(attn, EmptyAttention):
+                hd = attn.head_dim
+                kv_index = self._kv_index(attn).cpu()
+                q_bias = hd if attn.q_proj.bias is not None else 0
+                own.append(torch.full((kv_index.numel(),), float(2 * hd * hidden + q_bias)))
+                groups.append(kv_index + len(group_costs))
+                kv_bias = hd if attn.k_proj.bias is not None else 0
+                group_costs += [float(2 * (hd * hidden + kv_bias))] * int(kv_index.max() + 1)
+            gate_up_bias = 2 if mlp.gate_proj.bias is not None else 0
+            n_neurons = mlp.down_proj.in_features
+            own.append(torch.full((n_neurons,), float(3 * hidden + gate_up_bias)))
+            groups.append(torch.full((n_neurons,), -1, dtype=torch.long))
+        shared = SharedCosts(
+            torch.cat(groups).long(), torch.tensor(group_costs, dtype=torch.float64)
+        )
+        return torch.cat(own).double(), shared
 
     def count_parameters(self, model) -> int:
         scope = list(self._layers(model)) + [model.model.norm]
