@@ -1,7 +1,16 @@
 """Model loading and architecture adapters (one file per family, registered in ADAPTERS)."""
 
-from . import llama  # noqa: F401  (registers the Llama adapter)
-from .adapter import ADAPTERS, HEADS, NEURONS, ArchitectureAdapter, UnitLayout, adapter_for
+from . import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (register adapters)
+from .adapter import (
+    ADAPTERS,
+    HEADS,
+    NEURONS,
+    ArchitectureAdapter,
+    LayerStructure,
+    UnitLayout,
+    UnitStats,
+    adapter_for,
+)
 from .loading import load_model
 
 __all__ = [
@@ -9,7 +18,9 @@ __all__ = [
     "HEADS",
     "NEURONS",
     "ArchitectureAdapter",
+    "LayerStructure",
     "UnitLayout",
+    "UnitStats",
     "adapter_for",
     "load_model",
 ]
