@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the closing check (held-out perplexity and decode speed, dense vs pruned)",
+    )
     p.set_defaults(run=_cmd_prune)
 
     p = commands.add_parser("score", help="score predictions against references with U†")
@@ -87,6 +92,13 @@ def _cmd_prune(args) -> int:
         overwrite=args.overwrite,
     )
     print(format_summary(result.report, args.out))
+    if not args.no_check:
+        from bonsai_prune.eval.quick import format_check, quick_check
+        from bonsai_prune.models import load_model
+
+        dense = load_model(config.model, dtype=config.dtype, device=config.device)
+        pruned = (result.model, result.tokenizer)
+        print(format_check(quick_check({"dense": dense, "pruned": pruned}), args.out))
     return 0
 
 
