@@ -196,7 +196,7 @@ def _run(
         with interrupts_deferred():
             _start_run_files(out, config, {**report, "complete": False})
             save_model(out, model, tokenizer, adapter.structure(model))
-            atomic_write_json(out / "report.json", report)
+            atomic_write_json(out / "report.json", report, fault="report_final")
     return PruneResult(model, tokenizer, result.rounds, report, out, result.keep_masks)
 
 

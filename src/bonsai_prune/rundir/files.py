@@ -5,11 +5,12 @@ by others (0644 under the usual umask, as other ML tools write), renamed into pl
 directory is fsynced so the rename itself survives a power cut. A failed write (a full disk)
 raises :class:`RunDirectoryError` naming the file; the previous version stays in place.
 
-Fault injection (tests only): ``BONSAI_PRUNE_FAULT=<point>`` makes :func:`fault_point` kill the
-process with SIGKILL when the run reaches that write point (``<point>:INT`` sends SIGINT instead),
-so a test can crash a run exactly there and check that ``--resume`` recovers. The points are
-``round_tensors``, ``round_json``, ``report``, ``model_files`` (model written, not yet in place),
-``model_swap`` (old model renamed aside, new one not yet in).
+Fault injection (tests only): ``BONSAI_PRUNE_FAULT=<point>[@N][:INT]`` makes :func:`fault_point`
+kill the process with SIGKILL the N-th time the run reaches that write point (SIGINT with
+``:INT``), so a test can crash a run exactly there and check that ``--resume`` recovers. Points
+(each reached with the file written under its temporary name, not yet renamed in):
+``round_tensors``, ``round_json``, ``report`` (after a round), ``model_files`` (the model folder),
+``model_swap`` (old model renamed aside, new one not yet in), ``report_final``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,24 @@ FAULT_ENV = "BONSAI_PRUNE_FAULT"
 
 
 def fault_point(name: str) -> None:
-    """Crash here if ``BONSAI_PRUNE_FAULT`` names this point (a test hook; a no-op otherwise)."""
-    wanted = os.environ.get(FAULT_ENV, "")
-    if wanted.split(":")[0] == name:
-        os.kill(os.getpid(), signal.SIGINT if wanted.endswith(":INT") else signal.SIGKILL)
+    """Crash here if ``BONSAI_PRUNE_FAULT`` names this point (a test hook; a no-op otherwise).
+
+    The value is ``POINT[@N][:INT]``: at the N-th time (default 1) the process reaches POINT it
+    sends itself SIGKILL (or SIGINT with ``:INT``).
+    """
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    point, _, signal_name = wanted.partition(":")
+    point, _, nth = point.partition("@")
+    if point != name:
+        return
+    _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+    if _FAULT_HITS[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGINT if signal_name == "INT" else signal.SIGKILL)
+
+
+_FAULT_HITS: dict[str, int] = {}  # the test hook's count of each point reached (this process)
 
 
 def _umask() -> int:
