@@ -224,3 +224,15 @@ def test_full_disk_during_the_model_save_keeps_the_old_model(tmp_path, capsys, m
     assert (out / "model" / "model.safetensors").read_bytes() == before
     assert (out / "report.json").read_text() == report_before
     assert not list(out.glob(".model.*"))
+
+
+def test_resume_reuses_the_recorded_dtype(tmp_path):
+    from bonsai_prune.api import _run_dtype
+    from bonsai_prune.config import PruneConfig
+    from bonsai_prune.models.loading import fast_dtype
+
+    (tmp_path / "report.json").write_text(json.dumps({"dtype": "bf16"}))
+    auto, fixed = PruneConfig(), PruneConfig(dtype="fp32")
+    assert _run_dtype(auto, tmp_path, resume=True) == "bf16"  # not re-resolved on this machine
+    assert _run_dtype(auto, tmp_path, resume=False) == fast_dtype("cpu")
+    assert _run_dtype(fixed, tmp_path, resume=True) == "fp32"
