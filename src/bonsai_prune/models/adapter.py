@@ -25,11 +25,7 @@ from bonsai_prune.registry import Registry
 
 HEADS, NEURONS = "heads", "neurons"
 # what ``--unit-kinds`` accepts, and the module kinds each choice prunes
-UNIT_KINDS: dict[str, tuple[str, ...]] = {
-    "both": (HEADS, NEURONS),
-    HEADS: (HEADS,),
-    NEURONS: (NEURONS,),
-}
+UNIT_KINDS: dict[str, tuple[str, ...]] = {"both": (HEADS, NEURONS), HEADS: (HEADS,), NEURONS: (NEURONS,)}
 
 
 @dataclass(frozen=True)

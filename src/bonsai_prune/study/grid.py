@@ -52,6 +52,7 @@ EVAL_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 EVAL_FROM_BASE = ("model", "dtype", "device")  # the evaluated model is the one base describes
 
 
+
 @dataclass(frozen=True)
 class Cell:
     """One pruning run of the grid: cached under ``cells/<key>``, shown as ``label`` in ``group``."""
