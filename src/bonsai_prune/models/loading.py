@@ -54,12 +54,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def hub_offline() -> bool:
     """Whether the Hub is switched off, read now: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``)
     in the environment at call time, or huggingface_hub's own constant (fixed at its import)."""
@@ -113,7 +107,9 @@ def dequantised_default() -> Path:
         prepare_loaded(model, tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a shared cache is readable
+        from bonsai_prune.rundir.files import public_mode
+
+        os.chmod(tmp, public_mode(directory=True))  # mkdtemp makes 0700; share the cache
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
