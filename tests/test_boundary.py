@@ -20,7 +20,10 @@ GOOD = '{"question": "q", "answer": "2 + 2 = 4\\n#### 4"}\n'
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tiny_model_dir):
     """Bad files and model folders; {root} in the tables below is this folder."""
-    root = tmp_path_factory.mktemp("bad_inputs")
+    return make_bad_inputs(tmp_path_factory.mktemp("bad_inputs"), tiny_model_dir)
+
+
+def make_bad_inputs(root, tiny_model_dir):
     (root / "latin1.jsonl").write_bytes(
         GOOD.encode() + '{"question": "café", "answer": "#### 1"}\n'.encode("latin-1")
     )
@@ -120,6 +123,19 @@ OTHER_CASES = {
     "score file a folder": (["score", "{root}/a_folder.jsonl"], "is not a file"),
     "grid not UTF-8": (["experiment", "{root}/latin1_grid.yaml"], "is not valid UTF-8"),
     "out is a file": (PRUNE + ["--out", "{root}/a_file"], "is a file; give a directory"),
+    "evaluate out is a file": (
+        ["evaluate", "--limit", "1", "--out", "{root}/a_file"],
+        "--out {root}/a_file is a file; give a directory",
+    ),
+    "evaluate out under a file": (
+        ["evaluate", "--limit", "1", "--out", "{root}/a_file/eval"],
+        "a_file is a file, not a folder",
+    ),
+    "score out is a folder": (
+        ["score", "{root}/latin1_scores.jsonl", "--out", "{root}/a_folder.jsonl"],
+        "is a folder; give a file name",
+    ),
+    "bench out is a folder": (["bench", "--out", "{root}/a_folder.jsonl"], "is a folder"),
 }
 
 
@@ -152,7 +168,7 @@ def test_bad_evaluate_input(files, tmp_path, capsys, args, message):
 
 @pytest.mark.parametrize("args, message", OTHER_CASES.values(), ids=OTHER_CASES.keys())
 def test_bad_input_of_other_commands(files, capsys, args, message):
-    _check_refused(capsys, [a.format(root=files) for a in args], message)
+    _check_refused(capsys, [a.format(root=files) for a in args], message.format(root=files))
 
 
 def test_packaged_gsm8k_passes_the_answer_check():

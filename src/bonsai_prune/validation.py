@@ -9,10 +9,11 @@ the registries (``api.check_registered``).
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
-from bonsai_prune.errors import DataError, ModelLoadError
+from bonsai_prune.errors import DataError, ModelLoadError, RunDirectoryError
 
 
 def read_text_lines(path: str | Path, what: str, fix: str) -> list[str]:
@@ -92,3 +93,32 @@ def safetensors_problem(file: Path) -> str | None:
     if needed > size:
         return f"truncated ({size} of {needed} bytes)"
     return None
+
+
+def check_out_dir(path: str | Path) -> None:
+    """``--out`` for a folder of outputs: not a file, and somewhere this user may write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunDirectoryError(f"--out {path} is a file; give a directory")
+    _check_writable(path)
+
+
+def check_out_file(path: str | Path) -> None:
+    """``--out`` for one output file: not a folder, and somewhere this user may write."""
+    path = Path(path)
+    if path.is_dir():
+        raise RunDirectoryError(f"--out {path} is a folder; give a file name")
+    _check_writable(path.parent if not path.exists() else path)
+
+
+def _check_writable(path: Path) -> None:
+    """The nearest existing folder at or above ``path`` must be writable (checked before work)."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if existing.is_file() and existing != path.absolute():
+        raise RunDirectoryError(f"--out {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise RunDirectoryError(
+            f"--out {path}: no permission to write in {existing}; choose another --out"
+        )

@@ -16,6 +16,7 @@ kill the process with SIGKILL the N-th time the run reaches that write point (SI
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -86,9 +87,10 @@ def fsync_file(path: Path) -> None:
 def write_failed(path: Path, error: OSError) -> RunDirectoryError:
     """A one-line error for a write the operating system refused (full disk, read-only, quota)."""
     reason = error.strerror or str(error)
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
     return RunDirectoryError(
-        f"cannot write {path}: {reason}; free space or choose another --out "
-        "(what was complete before is kept; rerun with --resume where it applies)"
+        f"cannot write {path}: {reason}; {'free disk space' if full else 'fix it'} or choose "
+        "another --out (what was complete before is kept; rerun with --resume where it applies)"
     )
 
 
