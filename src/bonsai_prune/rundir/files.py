@@ -194,17 +194,6 @@ def _put_back(aside: Path | None, target: Path) -> None:
         os.replace(aside, target)
 
 
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete what a killed writer left: ``.NAME.*.tmp`` files and ``.NAME.new.*`` / ``.old.*``
-    folders. Call only while holding the run directory's lock."""
-    folder = Path(folder)
-    for entry in [*folder.glob(".*"), *folder.glob("*/.*")]:
-        if entry.is_file() and entry.name.endswith(".tmp"):
-            entry.unlink(missing_ok=True)
-        elif entry.is_dir() and (".new." in entry.name or ".old." in entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold Ctrl-C (SIGINT) until the block is done, then raise KeyboardInterrupt.

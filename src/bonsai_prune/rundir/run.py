@@ -12,7 +12,7 @@ Layout::
 Loading never executes code from the directory: configs are JSON, tensors are safetensors.
 One process at a time holds a run directory (:func:`locked`, an flock on the directory itself,
 so no lock file is left behind); what a killed writer left (``.*.tmp``, ``.model.new.*``) is
-removed when the next process takes the directory over.
+removed when the next process resumes or overwrites the run.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from bonsai_prune.rundir.files import (
     atomic_save_tensors,
     atomic_write_json,
     read_json,
-    remove_stale_temporaries,
     write_failed,
 )
 
@@ -87,10 +86,23 @@ def locked(out: Path) -> Iterator[None]:
                 f"--out {out} is in use by another bonsai-prune process; wait for it to end "
                 "or choose another --out"
             ) from None
-        remove_stale_temporaries(out)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Delete what a killed writer of this run left (only this layout's temporary names:
+    ``.report.json.*.tmp``, ``rounds/.round_*.tmp``, ``.model.new.*``, ``.model.old.*``)."""
+    out = Path(out)
+    stale = [out.glob(f".{name}.*.tmp") for name in RUN_ENTRIES]
+    stale += [out.glob(f".{MODEL_DIR}.new.*"), out.glob(f".{MODEL_DIR}.old.*")]
+    stale += [(out / "rounds").glob(".round_*.tmp")]
+    for entry in [path for paths in stale for path in paths]:
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def recorded_dtype(out: Path) -> str | None:
@@ -120,6 +132,7 @@ def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: 
                 f"--resume: {out} was started with different settings ({', '.join(changed)}); "
                 "resume with the same command, or use a new --out"
             )
+        remove_stale_temporaries(out)
         return completed_rounds(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -132,5 +145,6 @@ def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: 
                 shutil.rmtree(entry)
             elif entry.exists():
                 entry.unlink()
+        remove_stale_temporaries(out)
     out.mkdir(parents=True, exist_ok=True)
     return 0
