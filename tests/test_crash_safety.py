@@ -88,6 +88,7 @@ ALL = -1  # every round of the uninterrupted run
 SLOW = pytest.mark.slow  # each case is two subprocesses (about 30 s on 2 loaded cores)
 # write point -> what the killed run left: (rounds complete, model folder present)
 FAULTS = [
+    pytest.param("config", 0, False, marks=SLOW),  # the first file of the run not yet in place
     pytest.param("round_tensors@2", 1, False, marks=SLOW),  # round 2's tensors not yet renamed in
     pytest.param("round_json@2", 1, False),  # round 2's tensors in place, its JSON not
     pytest.param("report@2", 2, False, marks=SLOW),  # round 2 complete, report.json not updated
@@ -105,10 +106,13 @@ def test_killed_at_a_write_point_resumes_to_the_same_model(
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     if rounds == ALL:
         rounds = json.loads((whole / "report.json").read_text())["n_rounds"]
-    assert (out / "rounds" / f"round_{rounds:03d}.json").is_file()
+    assert rounds == 0 or (out / "rounds" / f"round_{rounds:03d}.json").is_file()
     assert not (out / "rounds" / f"round_{rounds + 1:03d}.json").exists()
     assert (out / "model").exists() == has_model
-    assert json.loads((out / "report.json").read_text())["complete"] is False
+    if rounds:
+        assert json.loads((out / "report.json").read_text())["complete"] is False
+    else:  # killed before the run's first file: nothing to replay, resume starts it afresh
+        assert not (out / "config.json").exists() and list(out.glob(".config.json.*.tmp"))
 
     resumed = _prune(run_args, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -236,3 +240,27 @@ def test_resume_reuses_the_recorded_dtype(tmp_path):
     assert _run_dtype(auto, tmp_path, resume=True) == "bf16"  # not re-resolved on this machine
     assert _run_dtype(auto, tmp_path, resume=False) == fast_dtype("cpu")
     assert _run_dtype(fixed, tmp_path, resume=True) == "fp32"
+
+
+def test_stale_temporaries_are_removed_and_user_files_kept(tmp_path):
+    from bonsai_prune.config import PruneConfig
+    from bonsai_prune.errors import RunDirectoryError
+    from bonsai_prune.rundir.run import prepare_out_dir
+
+    out = tmp_path / "run"
+    (out / "rounds").mkdir(parents=True)
+    (out / ".config.json.abc123.tmp").write_text("{")
+    (out / "rounds" / ".round_001.safetensors.x1.tmp").write_bytes(b"")
+    (out / ".model.new.q9").mkdir()
+    with pytest.raises(RunDirectoryError, match="holds no run to resume"):
+        prepare_out_dir(out, PruneConfig(), resume=True, overwrite=False)  # rounds/ is there
+    assert not list(out.rglob(".*")), "the temporaries were not removed"
+    (out / "rounds").rmdir()
+    # killed before its first round was saved: resuming starts the run afresh
+    assert prepare_out_dir(out, PruneConfig(), resume=True, overwrite=False) == 0
+
+    (out / "notes.tmp").write_text("mine")
+    (out / ".notes.txt.tmp").write_text("mine too")  # not a name this layout writes
+    with pytest.raises(RunDirectoryError, match="not empty"):
+        prepare_out_dir(out, PruneConfig(), resume=False, overwrite=False)
+    assert sorted(p.name for p in out.iterdir()) == [".notes.txt.tmp", "notes.tmp"]

@@ -226,7 +226,7 @@ def _start_run_files(out: Path, config: PruneConfig, report: dict) -> None:
     """config.json and a report marked incomplete, written once the method has begun for real
     (its own checks passed), so a refused run leaves nothing to --overwrite."""
     if not (out / "config.json").is_file():
-        atomic_write_json(out / "config.json", config.to_dict())
+        atomic_write_json(out / "config.json", config.to_dict(), fault="config")
         atomic_write_json(out / "report.json", report)
 
 

@@ -12,7 +12,7 @@ Layout::
 Loading never executes code from the directory: configs are JSON, tensors are safetensors.
 One process at a time holds a run directory (:func:`locked`, an flock on the directory itself,
 so no lock file is left behind); what a killed writer left (``.*.tmp``, ``.model.new.*``) is
-removed when the next process resumes or overwrites the run.
+removed when the next process takes the directory (they carry this layout's names only).
 """
 
 from __future__ import annotations
@@ -119,12 +119,18 @@ def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: 
 
     A non-empty directory is refused unless the user resumes (same config) or overwrites;
     overwriting removes only the entries a run writes, nothing else the user keeps there.
+    Temporaries a killed writer left are removed first; resuming a run killed before its
+    first round was saved (no config.json yet, nothing else there) starts it afresh.
     """
     if out.exists() and not out.is_dir():
         raise RunDirectoryError(f"--out {out} is a file; give a directory")
-    if resume:
-        if not (out / "config.json").is_file():
+    if out.is_dir():
+        remove_stale_temporaries(out)  # ours by name; we hold the directory's lock
+    if resume and not (out / "config.json").is_file():
+        if out.is_dir() and any(out.iterdir()):
             raise RunDirectoryError(f"--resume: {out} holds no run to resume (no config.json)")
+        resume = False  # killed before its first round was saved: the run starts from round 1
+    if resume:
         saved = PruneConfig.from_dict(read_json(out / "config.json"))
         if saved != config:
             changed = sorted(k for k, v in saved.to_dict().items() if config.to_dict()[k] != v)
@@ -132,7 +138,6 @@ def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: 
                 f"--resume: {out} was started with different settings ({', '.join(changed)}); "
                 "resume with the same command, or use a new --out"
             )
-        remove_stale_temporaries(out)
         return completed_rounds(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -145,6 +150,5 @@ def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: 
                 shutil.rmtree(entry)
             elif entry.exists():
                 entry.unlink()
-        remove_stale_temporaries(out)
     out.mkdir(parents=True, exist_ok=True)
     return 0
