@@ -65,7 +65,7 @@ CASES = {
     "unreachable hub id": (["--model", "nobody/no-such-model-xyz"], "cannot reach model"),
     "unsupported architecture": (
         ["--model", "{root}/gpt2"],
-        "'gpt2' is not supported yet; supported: llama",
+        "'gpt2' is not supported yet; supported: gemma2, gemma3_text, llama",
     ),
     "missing data file": (["--data", "{root}/nope.jsonl"], "does not exist"),
     "empty data file": (["--data", "{root}/empty.jsonl"], "holds no problems"),

@@ -14,6 +14,7 @@ from pathlib import Path
 from bonsai_prune.cli_options import add_config_options, config_from_args
 from bonsai_prune.config import EvalConfig, PruneConfig, UtilityConfig
 from bonsai_prune.errors import BonsaiPruneError
+from bonsai_prune.validation import check_out_dir, check_out_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -130,6 +131,8 @@ def _cmd_score(args) -> int:
     from bonsai_prune.utility.combine import load_score_file, score_texts
 
     config = config_from_args(UtilityConfig, args)
+    if args.out:
+        check_out_file(args.out)
     predictions, references = load_score_file(args.input)
     result = score_texts(
         predictions,
@@ -149,9 +152,9 @@ def _cmd_score(args) -> int:
 def _cmd_evaluate(args) -> int:
     from bonsai_prune.eval.gsm8k import evaluate, format_summary
 
-    result = evaluate(
-        config_from_args(EvalConfig, args), out_dir=Path(args.out), progress=not args.quiet
-    )
+    config = config_from_args(EvalConfig, args)
+    check_out_dir(args.out)  # before the evaluation, not after it
+    result = evaluate(config, out_dir=Path(args.out), progress=not args.quiet)
     print(format_summary(result.summary))
     return 0
 
@@ -160,6 +163,8 @@ def _cmd_bench(args) -> int:
     from bonsai_prune.bench import BenchConfig, format_table, run_bench
     from bonsai_prune.rundir.files import atomic_write_json
 
+    if args.out:
+        check_out_file(args.out)
     result = run_bench(BenchConfig.make(args.quick, args.model), progress=not args.quiet)
     if args.out:
         atomic_write_json(Path(args.out), result)

@@ -58,6 +58,24 @@ def _check_int(
         raise ConfigError(f"{name} must be {accepted}{' ' + hint if hint else ''}, got {value!r}")
 
 
+MAX_SEED = 2**32 - 1  # what every seeded library here (torch, numpy, random) accepts
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_text(name: str, value: Any, *, optional: bool = False, hint: str = "") -> None:
+    """A non-empty string (an empty one would silently mean the default)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{name} must be a non-empty string, got {value!r}{'; ' + hint if hint else ''}"
+        )
+
+
 def _check_choices(config: Any) -> None:
     """Every field declared with ``choices`` holds one of them."""
     for f in dataclasses.fields(config):
@@ -201,10 +219,19 @@ class PruneConfig(_JsonConfig):
             raise ConfigError(f"masks per forward must be at least 1, got {self.masks_per_forward}")
         if self.calib_samples < 1:
             raise ConfigError(f"calibration samples must be at least 1, got {self.calib_samples}")
-        _check_int("seed", self.seed, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         _check_choices(self)
-        if not 0 < self.tolerance < self.sparsity:
-            raise ConfigError(f"tolerance must be in (0, sparsity), got {self.tolerance}")
+        _check_text("model", self.model, hint="give 'default', a model folder or a hub id")
+        _check_text("data", self.data, optional=True, hint="omit --data for packaged GSM8K")
+        _check_bool("allow_empty_modules", self.allow_empty_modules)
+        if (
+            isinstance(self.tolerance, bool)
+            or not isinstance(self.tolerance, (int, float))
+            or not 0 < self.tolerance < self.sparsity
+        ):
+            raise ConfigError(
+                f"tolerance must be a number in (0, sparsity={self.sparsity}), got {self.tolerance!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -249,5 +276,5 @@ class EvalConfig(_JsonConfig):
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("n_bootstrap", self.n_bootstrap, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         _check_int("shots", self.shots, minimum=0, maximum=8)

@@ -5,36 +5,26 @@ Loading never executes code from the folder: configs are JSON, tensors are safet
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from bonsai_prune.errors import RunDirectoryError
-from bonsai_prune.rundir.files import atomic_write_json, read_json
+from bonsai_prune.rundir.files import atomic_write_dir, atomic_write_json, read_json
 
 STRUCTURE_FILE = "bonsai_structure.json"
 MODEL_DIR = "model"
 
 
 def save_model(out: Path, model, tokenizer, structure: dict) -> Path:
-    """Write the pruned model to OUT/model, atomically (a temp folder renamed into place)."""
-    target = Path(out) / MODEL_DIR
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".model."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        atomic_write_json(tmp / STRUCTURE_FILE, structure)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    """Write the pruned model to OUT/model: written aside, then renamed in (rundir.files)."""
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        atomic_write_json(folder / STRUCTURE_FILE, structure)
+
+    return atomic_write_dir(Path(out) / MODEL_DIR, write)
 
 
 def is_pruned_dir(path: Path) -> bool:
