@@ -17,6 +17,19 @@ from safetensors.torch import save_file
 from bonsai_prune.errors import RunDirectoryError
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def make_readable(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` would (0644 files, 0755 folders under umask 022):
+    temporary files and folders start private (0600/0700), and a model folder is for sharing."""
+    mode = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, mode & ~_umask())
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary sibling and rename, so a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +39,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        make_readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
