@@ -13,6 +13,7 @@ from test_export_hf import _pruned
 
 from bonsai_prune.export.equal_groups import plan_equal_groups, rewrite_heads
 from bonsai_prune.export.gguf_writer import export_gguf, permute_rotary
+from bonsai_prune.export.llamacpp_speed import greedy_tokens
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.pruned import save_model
 
@@ -127,16 +128,11 @@ def test_llama_cpp_greedy_tokens_match_hf(tmp_path, tokenizer):
     )
     model, folder = _real_vocab_pruned(tmp_path, tokenizer)
     path = export_gguf(folder, tmp_path / "m.gguf", dtype="f16")
-    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False, logits_all=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=128, n_threads=2, verbose=False)
     for prompt in PROMPTS:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             hf = model.generate(ids, max_new_tokens=32, do_sample=False, use_cache=True)
         expected = hf[0, ids.shape[1] :].tolist()
-        llm.reset()
-        got = []
-        for token in llm.generate(ids[0].tolist(), temp=0.0, top_k=1, reset=True):
-            got.append(token)
-            if len(got) == 32:
-                break
+        got = greedy_tokens(llm, ids[0].tolist(), 32)
         assert got == expected, prompt
