@@ -67,6 +67,12 @@ def public_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~_umask()
 
 
+def make_readable(path: Path) -> None:
+    """Give ``path`` the mode a plain ``open`` or ``mkdir`` would (0644 / 0755 under umask 022):
+    temporary files and folders start private (0600 / 0700), and what we write is for sharing."""
+    os.chmod(path, public_mode(Path(path).is_dir()))
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
