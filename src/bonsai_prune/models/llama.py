@@ -32,7 +32,6 @@ from torch import nn
 from bonsai_prune.core.selection import SharedCosts
 from bonsai_prune.models.adapter import ADAPTERS, HEADS, NEURONS, UnitLayout
 from bonsai_prune.models.attention import (
-    EAGER,
     SDPA,
     EmptyAttention,
     set_kv_head_index,
@@ -138,9 +137,9 @@ class LlamaAdapter:
         """Tell the module its new head counts where its forward reads them (Phi-3 does)."""
 
     def attention_kind(self, model) -> str:
-        """Which exact K/V-gathering attention sliced layers run: sdpa, or eager for soft-capping."""
-        softcap = getattr(model.config, "attn_logit_softcapping", None)
-        return EAGER if softcap is not None else SDPA
+        """Which K/V-gathering attention sliced layers run: sdpa, or eager where the family's
+        attention does what SDPA cannot (Gemma 2's soft-capping)."""
+        return SDPA
 
     # ---- derived sizes --------------------------------------------------------------------
 
