@@ -172,7 +172,7 @@ def train(
         state.history.append(
             {
                 "step": state.step,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "kl": float(kl),
                 "ce": float(ce),
                 "lr": lr,
