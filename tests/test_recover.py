@@ -66,6 +66,16 @@ def test_plan_spends_the_budget_without_repeats_within_an_epoch():
     assert sorted(longer[:5]) == list(range(5)) and sorted(longer[5:10]) == list(range(5))
 
 
+def test_plan_groups_rows_of_similar_length():
+    lengths = [10 * (i % 7 + 1) for i in range(64)]
+    plan = plan_batches(lengths, batch_size=4, max_tokens=sum(lengths), seed=0)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in plan)
+    unsorted = plan_batches(lengths, batch_size=4, max_tokens=sum(lengths), seed=0, bucket=1)
+    padded_unsorted = sum(len(b) * max(lengths[i] for i in b) for b in unsorted)
+    assert sorted(i for b in plan for i in b) == list(range(64))
+    assert padded < 0.85 * padded_unsorted
+
+
 def test_lr_warms_up_then_decays_to_the_floor():
     f = [lr_factor(s, 20, 4, 0.1) for s in range(20)]
     assert f[0] < f[1] < f[3] < f[4] == pytest.approx(1.0)
