@@ -5,8 +5,10 @@ The teacher runs alongside the student rather than from cached top-k logits. Wit
 budget below one epoch every training token is seen once, so a cache would compute exactly the
 same teacher forwards (once, up front) and add its own disk traffic: at k=64 logits per token a
 200k-token budget is already ~100 MB of fp32 values plus indices, and truncating to the top k
-biases the KL. The teacher forward (no backward) is the cheapest part of a step: see
-``seconds`` in the report for the measured split.
+biases the KL. The teacher forward (no backward) is the cheapest part of a step: measured on
+the packaged model at 20% sparsity (bf16 autocast, batches of 4-8 GSM8K rows, 2 shared cores),
+teacher 14-20% of the training time, student forward+backward 71-72%, AdamW 8-15%. A cache
+pays off only when several students share one parent and the same tokens (a study grid).
 """
 
 from __future__ import annotations
