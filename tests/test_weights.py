@@ -18,10 +18,16 @@ from bonsai_prune.utility.weights import (
     [
         ("acc=50,lex=25,sem=25", {"acc": 50.0, "lex": 25.0, "sem": 25.0, "prob": 0.0}),
         (" acc = 38 , lex=38, sem=24 ", {"acc": 38.0, "lex": 38.0, "sem": 24.0, "prob": 0.0}),
-        ("accuracy=60,lexical=20,semantic=20", {"acc": 60.0, "lex": 20.0, "sem": 20.0, "prob": 0.0}),
+        (
+            "accuracy=60,lexical=20,semantic=20",
+            {"acc": 60.0, "lex": 20.0, "sem": 20.0, "prob": 0.0},
+        ),
         ("ACC=100", {"acc": 100.0, "lex": 0.0, "sem": 0.0, "prob": 0.0}),  # missing names weigh 0
         ("sem=100", {"acc": 0.0, "lex": 0.0, "sem": 100.0, "prob": 0.0}),
-        ("acc=34,lex=33,sem=33,", {"acc": 34.0, "lex": 33.0, "sem": 33.0, "prob": 0.0}),  # trailing comma
+        (
+            "acc=34,lex=33,sem=33,",
+            {"acc": 34.0, "lex": 33.0, "sem": 33.0, "prob": 0.0},
+        ),  # trailing comma
         ("acc=33.3,lex=33.3,sem=33.4", {"acc": 33.3, "lex": 33.3, "sem": 33.4, "prob": 0.0}),
     ],
 )

@@ -5,6 +5,7 @@ The CLI's ``prune`` command is this function with its arguments parsed.
 
 from __future__ import annotations
 
+import math
 import platform
 import shutil
 import time
@@ -24,6 +25,7 @@ from .models.adapter import check_supported
 from .models.loading import model_type_of
 from .pruner import RoundResult, calibration_problems, check_reachable, iterate_rounds
 from .utility import build_batch, resolve_utility
+from .utility.references import SELF_REFERENCES_FILE, prepare_self_references
 
 
 @dataclass
@@ -53,7 +55,14 @@ def library_versions() -> dict[str, str]:
     }
 
 
-RUN_ENTRIES = ("config.json", "report.json", "rounds", "keep.safetensors", io.MODEL_DIR)
+RUN_ENTRIES = (
+    "config.json",
+    "report.json",
+    "rounds",
+    "keep.safetensors",
+    io.MODEL_DIR,
+    SELF_REFERENCES_FILE,
+)
 
 
 def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: bool) -> int:
@@ -155,6 +164,11 @@ def prune(
             f"--resume applies to Bonsai's rounds; {config.method!r} is one-shot: rerun it with --overwrite"
         )
     device = next(model.parameters()).device
+    if config.method == "bonsai":
+        # U† with self references: the dense parent's solutions, before any round is replayed
+        prepare_self_references(
+            score, model, tokenizer, planned_calibration_problems(pool, config), out
+        )
 
     def make_batch(index: int):
         problems = calibration_problems(pool, config, index)
@@ -227,6 +241,13 @@ def prune(
     if out is not None:
         io.atomic_write_json(out / "report.json", report)
     return PruneResult(model, tokenizer, rounds, report, out, keep_masks)
+
+
+def planned_calibration_problems(pool, config: PruneConfig) -> list:
+    """Every calibration problem the run can use: rounds 1 to ceil(p / f) + 2, and the final
+    score's batch after them (a greedy round can fall a little short of its budget)."""
+    n_rounds = math.ceil(config.sparsity / config.prune_frac) + 2
+    return [p for i in range(1, n_rounds + 2) for p in calibration_problems(pool, config, i)]
 
 
 def _phase_totals(rounds: list[dict]) -> dict[str, float]:

@@ -15,6 +15,9 @@ from .errors import ConfigError
 UNIT_CHOICES = ("both", "heads", "neurons")
 PROMPT_STYLES = ("chat", "plain")
 REGRESSIONS = ("ridge", "lasso")
+ACCURACY_RULES = ("strict", "flexible", "contains")  # utility/metrics.py ACCURACY_RULES
+REFERENCE_KINDS = ("self", "gold", "gold_prefix")  # utility/references.py
+UTILITY_STOPS = ("answer", "none")  # utility/generation.py STOP_PATTERNS
 
 
 def _check_fraction(name: str, value: Any, *, hint: str) -> None:
@@ -58,18 +61,27 @@ class UtilityConfig(_JsonConfig):
     )
     accuracy: str = "strict"
     lexical: str = "rouge_numbers"
-    gen_tokens: int = 20  # the original U† study's compromise between signal and cost
+    # a cap: each row stops after its answer line (stop="answer") or at end of sequence
+    gen_tokens: int = 20
     prompt: str = "chat"
     shots: int = 0
     max_length: int = 768  # tokens of prompt + solution kept for teacher forcing
+    reference: str = "self"  # what lex/sem compare with: self | gold | gold_prefix (references.py)
+    stop: str = "answer"  # "answer": a row ends after its answer line; "none": at EOS only
 
     def __post_init__(self) -> None:
         from .utility.weights import validate_weights
 
         object.__setattr__(self, "weights", validate_weights(dict(self.weights)))
         _check_choice("prompt style", self.prompt, PROMPT_STYLES)
-        if self.accuracy not in ("strict", "contains"):
-            raise ConfigError(f"unknown accuracy rule {self.accuracy!r}; choose strict or contains")
+        _check_choice("accuracy rule", self.accuracy, ACCURACY_RULES)
+        _check_choice("reference", self.reference, REFERENCE_KINDS)
+        _check_choice("stop rule", self.stop, UTILITY_STOPS)
+        if self.reference == "gold" and self.shots < 1:
+            raise ConfigError(
+                "reference 'gold' needs worked exemplars in the prompt (shots >= 1), got shots=0; "
+                "e.g. --shots 2, or use reference 'self'"
+            )
         if self.lexical not in ("rouge_numbers", "token_f1"):
             raise ConfigError(
                 f"unknown lexical metric {self.lexical!r}; choose rouge_numbers or token_f1"
@@ -78,6 +90,8 @@ class UtilityConfig(_JsonConfig):
             raise ConfigError(f"gen_tokens must be a positive integer, got {self.gen_tokens!r}")
         if not isinstance(self.shots, int) or not 0 <= self.shots <= 8:
             raise ConfigError(f"shots must be an integer in [0, 8], got {self.shots!r}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ConfigError(f"max_length must be an integer >= 2, got {self.max_length!r}")
 
 
 @dataclass(frozen=True)
