@@ -42,6 +42,7 @@ def select_units(
     module_index: torch.Tensor,
     min_keep: torch.Tensor,
     current_keep: torch.Tensor | None = None,
+    tiebreak: torch.Tensor | None = None,
 ) -> Selection:
     """Keep mask (U,) that removes the least important units until ``budget`` is spent.
 
@@ -51,6 +52,10 @@ def select_units(
     module keeps (1, or 0 where emptying a module is allowed).
     current_keep (U,) bool, optional: units already removed (False) stay removed, do not count
     towards their module's floor, and are not charged to the budget again.
+    tiebreak (U,), optional: orders units whose scores tie, lowest first (e.g. each unit's prior
+    rank within its module, ``utility.validity.prior_tiebreak``), so that equal betas (all of
+    them when a round has no signal) are not removed by unit position; ties left go to the
+    lower index.
 
     Greedy, as in Bonsai: a unit that does not fit is skipped and the walk goes on; it ends
     when what is left of the budget is below the cost of every unit still ahead.
@@ -81,7 +86,10 @@ def select_units(
     kept_in_module = torch.bincount(module_index[keep], minlength=min_keep.numel()).tolist()
     floor = min_keep.tolist()
 
-    order = torch.sort(score, stable=True).indices  # (U,) least important first
+    order = torch.arange(n_units)
+    if tiebreak is not None:
+        order = torch.sort(tiebreak.detach().cpu().double(), stable=True).indices  # (U,)
+    order = order[torch.sort(score[order], stable=True).indices]  # (U,) least important first
     order = order[(score[order] != float("inf")) & keep[order]]  # (R,) removable, in order
     # (R,) cheapest cost from each position on: once the budget left is below it, stop
     cheapest_ahead = costs[order].flip(0).cummin(0).values.flip(0).tolist()
