@@ -45,7 +45,13 @@ def _add_utility_options(p: argparse.ArgumentParser) -> None:
         default="acc=50,lex=25,sem=25",
         help="U† weights summing to 100, e.g. acc=38,lex=38,sem=24",
     )
-    p.add_argument("--accuracy", default="strict", choices=["strict", "contains"])
+    p.add_argument(
+        "--accuracy",
+        default="strict",
+        choices=["strict", "flexible", "contains"],
+        help="strict: an answer after a marker or at the end of a finished solution; "
+        "flexible: the last number; contains: the original study's rule",
+    )
     p.add_argument("--lexical", default="rouge_numbers", choices=["rouge_numbers", "token_f1"])
     p.add_argument(
         "--prompt",
@@ -67,9 +73,11 @@ def _utility_config(args, name: str):
         weights=parse_weights(args.weights),
         accuracy=args.accuracy,
         lexical=args.lexical,
-        gen_tokens=getattr(args, "gen_tokens", 20),
+        gen_tokens=getattr(args, "gen_tokens", UTILITY_DEFAULTS.gen_tokens),
         prompt=args.prompt,
         shots=args.shots,
+        reference=getattr(args, "reference", UTILITY_DEFAULTS.reference),
+        stop=getattr(args, "stop", UTILITY_DEFAULTS.stop),
     )
 
 
@@ -130,7 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--gen-tokens",
         type=int,
         default=UTILITY_DEFAULTS.gen_tokens,
-        help="tokens each sub-model generates for U†",
+        help="most tokens each sub-model generates for U† (a row stops after its answer line)",
+    )
+    p.add_argument(
+        "--reference",
+        default=UTILITY_DEFAULTS.reference,
+        choices=["self", "gold", "gold_prefix"],
+        help="what U†'s lexical/semantic terms compare with: self (the dense model's own "
+        "solution), gold (GSM8K solution; needs --shots), gold_prefix (the original study's)",
+    )
+    p.add_argument(
+        "--stop",
+        default=UTILITY_DEFAULTS.stop,
+        choices=["answer", "none"],
+        help="answer: a row stops after its answer line; none: at end of sequence only",
     )
     _add_utility_options(p)
     p.add_argument("--out", required=True, help="run directory to write")

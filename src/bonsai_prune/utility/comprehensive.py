@@ -12,8 +12,8 @@ U† = sum_i a_i * M_i, in [0, 100], combined by ``scoring.score_texts`` (the on
 - ``lex``, ``sem``: the reference of ``reference`` (``self``, ``gold`` or ``gold_prefix``, see
   ``references.py``).
 
-The original study's setting is ``weights=38/38/24, accuracy="contains", lexical="token_f1",
-gen_tokens=20, reference="gold_prefix", stop="none"``.
+The original study's setting is ``original_study_config()``: weights 38/38/24, the "contains"
+rule, SQuAD token F1, 20 tokens against the reference's 20-token prefix, no answer stop.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ from .base import UTILITIES, CalibrationBatch, answer_probability
 from .generation import Generated, generate_greedy
 from .references import gold_texts, prefix_text, self_reference_texts
 from .semantic import SemanticScorer
+
+
+def original_study_config() -> UtilityConfig:
+    """The original U† study's best setting, to reproduce and compare with (DESIGN.md §3)."""
+    return UtilityConfig(
+        name="comprehensive",
+        weights={"acc": 38, "lex": 38, "sem": 24},
+        accuracy="contains",
+        lexical="token_f1",
+        gen_tokens=20,
+        reference="gold_prefix",
+        stop="none",
+    )
 
 
 @UTILITIES.register("comprehensive")
