@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import PruneConfig, UtilityConfig
 from .errors import BonsaiPruneError
+from .utility.weights import format_weights
 
 DEFAULTS, UTILITY_DEFAULTS = PruneConfig(), UtilityConfig()
 
@@ -39,11 +40,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
-def _add_utility_options(p: argparse.ArgumentParser) -> None:
+def _add_utility_options(p: argparse.ArgumentParser, weights: str = "acc=50,lex=25,sem=25") -> None:
     p.add_argument(
         "--weights",
-        default="acc=50,lex=25,sem=25",
-        help="U† weights summing to 100, e.g. acc=38,lex=38,sem=24",
+        default=weights,
+        help=f"U† weights summing to 100 over acc, lex, sem, prob (default {weights}); "
+        "prob (the gold answer's probability) needs a model, so not for 'score'",
     )
     p.add_argument(
         "--accuracy",
@@ -153,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["answer", "none"],
         help="answer: a row stops after its answer line; none: at end of sequence only",
     )
-    _add_utility_options(p)
+    _add_utility_options(p, format_weights(UTILITY_DEFAULTS.weights))
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument(
         "--resume",
