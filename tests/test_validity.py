@@ -61,11 +61,19 @@ def test_the_first_studys_failure_is_flagged():
     # the unmasked model below most of its sub-models, scores rising with damage
     removed = torch.arange(10.0)
     scores = 5.0 + removed
-    validity = measure_validity(6.0, scores, removed, cv_error=20.0)
+    validity = measure_validity(6.0, scores, removed, cv_error=20.0, at_max_penalty=True)
     assert validity.share_beaten == pytest.approx(0.15) and validity.rank_correlation > 0
-    assert not validity.informative and validity.no_signal  # R^2 < 0
+    assert not validity.informative and validity.no_signal  # R^2 < 0 at the heaviest penalty
     message = validity.warning(3)
     assert message.startswith("round 3:") and "15%" in message and "prior" in message
+
+
+def test_a_poor_fit_at_a_moderate_penalty_still_counts_as_signal():
+    # perplexity in round 1: betas that do not predict held-out sub-models (R^2 < 0), chosen
+    # at a moderate penalty, with a clear rank correlation
+    removed = torch.arange(10.0)
+    validity = measure_validity(1.0, -removed, removed, cv_error=20.0, at_max_penalty=False)
+    assert validity.held_out_r2 < 0 and not validity.no_signal and validity.informative
 
 
 def test_constant_scores_have_no_signal():

@@ -230,7 +230,7 @@ def run_round(
     candidates = ~fixed
     fit = fit_importance(masks[:, candidates], scores, method=config.regression)
     n_removed = (~masks[:, candidates]).sum(1)  # (N,) units each sub-model removed
-    validity = measure_validity(utility_before, scores, n_removed, fit.cv_error)
+    validity = measure_validity(utility_before, scores, n_removed, fit.cv_error, fit.at_max_penalty)
     beta = torch.full((layout.n_units,), math.inf, dtype=torch.float64)
     # no signal: every candidate ties and the prior's rank within its module decides
     beta[candidates] = 0.0 if validity.no_signal else fit.beta.double()

@@ -42,6 +42,9 @@ class RegressionFit:
     alpha: float  # chosen regularisation strength (scikit-learn's scale, standardised scores)
     cv_error: float  # mean held-out squared error at alpha, in utility units squared
     method: str  # "ridge" or "lasso"
+    # the search chose its heaviest penalty: the data favour predicting the mean (a sign of no
+    # signal, with a held-out R^2 <= 0; see utility/validity.py)
+    at_max_penalty: bool = False
 
 
 def fit_importance(
@@ -104,7 +107,10 @@ def fit_importance(
         cv_error = float(model.mse_path_[at_alpha].mean())  # mse_path_: (n_alphas, n_folds)
     beta = torch.from_numpy(np.asarray(model.coef_, dtype=np.float64) * std)  # (C,)
     intercept = float(model.intercept_) * std + mean
-    return RegressionFit(beta, intercept, float(model.alpha_), cv_error * std**2, method)
+    at_max = float(model.alpha_) >= max(grid) * (1 - 1e-9)
+    return RegressionFit(
+        beta, intercept, float(model.alpha_), cv_error * std**2, method, at_max_penalty=at_max
+    )
 
 
 def default_alphas(x: np.ndarray, y_std: np.ndarray, method: str) -> list[float]:

@@ -31,7 +31,7 @@ from .pruner import (
     round_generator,
     unit_prior,
 )
-from .regression import default_alphas, fit_importance
+from .regression import fit_importance
 from .sampling import sample_masks
 from .scoring import score_texts
 from .selection import round_budget
@@ -289,11 +289,7 @@ def _figures(name, utility, scores, n_removed, design, cut_short) -> dict:
     """The validity row of one variant: scores (1+N,) with the unmasked model first."""
     before, sub = float(scores[0]), scores[1:]
     fit = fit_importance(design, sub, method="ridge")
-    validity = validity_of(before, sub, n_removed, fit.cv_error)
-    x = design.double().numpy()
-    grid = default_alphas(
-        x, ((sub - sub.mean()) / sub.std(unbiased=False).clamp(min=1e-12)).numpy(), "ridge"
-    )
+    validity = validity_of(before, sub, n_removed, fit.cv_error, fit.at_max_penalty)
     return {
         "name": name,
         "utility": None if utility is None else utility.to_dict(),
@@ -303,6 +299,8 @@ def _figures(name, utility, scores, n_removed, design, cut_short) -> dict:
         "sub_model_max": float(sub.max()),
         **validity.to_dict(),
         "ridge_alpha": fit.alpha,
-        "ridge_alpha_is_grid_max": bool(fit.alpha >= max(grid) * (1 - 1e-9)) if fit.alpha else None,
+        "ridge_alpha_is_grid_max": fit.at_max_penalty if fit.alpha else None,
         "rows_cut_short": cut_short,
+        "scores": scores.tolist(),  # unmasked first, then each sub-model: figures can be redone
+        "n_removed": n_removed.tolist(),
     }
