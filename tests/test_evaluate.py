@@ -12,7 +12,8 @@ import torch
 from bonsai_prune.config import EvalConfig
 from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.errors import ConfigError
-from bonsai_prune.eval.gsm8k import _count_new_tokens, evaluate, format_summary, generate_solutions
+from bonsai_prune.eval.gsm8k import evaluate, format_summary, generate_solutions
+from bonsai_prune.utility.combine import score_texts
 
 TINY_WEIGHTS = {"acc": 50, "lex": 50, "sem": 0}  # sem=0: no embedding model is loaded
 
@@ -50,7 +51,7 @@ def test_config_rejects_bad_values_in_one_line_naming_the_field(kwargs, named):
 
 def test_config_round_trips_through_json_and_refuses_unknown_keys():
     config = EvalConfig(limit=5, weights={"accuracy": 60, "lex": 20, "sem": 20}, shots=2)
-    assert config.weights == {"acc": 60.0, "lex": 20.0, "sem": 20.0}
+    assert config.weights == {"acc": 60.0, "lex": 20.0, "sem": 20.0, "prob": 0.0}
     data = json.loads(json.dumps(config.to_dict()))
     assert EvalConfig.from_dict(data) == config
     with pytest.raises(ConfigError, match="max_tokens"):
@@ -82,10 +83,55 @@ def test_generation_sorts_by_length_and_restores_the_order(tokenizer):
     assert out.seconds >= 0
 
 
-def test_new_tokens_are_counted_up_to_the_first_stop_token():
-    assert _count_new_tokens(torch.tensor([5, 6, 1, 1, 1]), {1}) == 3
-    assert _count_new_tokens(torch.tensor([5, 6, 7]), {1}) == 3
-    assert _count_new_tokens(torch.tensor([1, 0, 0]), {1, 2}) == 1
+class ScriptModel:
+    """generate() writes a fixed continuation token by token and, like transformers, asks the
+    stopping criteria after each token and pads the rows they mark done."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, tokenizer, continuation: str) -> None:
+        self.script = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        self.pad = tokenizer.pad_token_id
+        self.generation_config = SimpleNamespace(eos_token_id=tokenizer.eos_token_id)
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, stopping_criteria, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        for token in self.script[:max_new_tokens]:
+            column = torch.where(done, self.pad, token)[:, None]  # (B, 1)
+            input_ids = torch.cat([input_ids, column], dim=1)
+            done |= stopping_criteria[0](input_ids, None)
+            if bool(done.all()):
+                break
+        return input_ids
+
+
+def test_plain_k_shot_stops_at_the_next_question_and_takes_the_first_answer(tokenizer):
+    continuation = "3 + 4 = 7 apples.\n#### 7\n\nQuestion: Tom has 9 pears\nAnswer: #### 9"
+    model = ScriptModel(tokenizer, continuation)
+    out = generate_solutions(
+        model,
+        tokenizer,
+        ["Question: q\nAnswer:"],
+        max_new_tokens=64,
+        batch_size=1,
+        stop="question",
+        progress=False,
+    )
+    assert out.texts == ["3 + 4 = 7 apples.\n#### 7"] and out.finished == [True]
+    assert out.n_new_tokens[0] < len(model.script)
+    scores = score_texts(out.texts, ["#### 7"], {"acc": 100}, finished=out.finished)
+    assert scores.aggregate["accuracy_strict"] == 1.0
+    # without the stop, the made-up question runs to the cap and is scored too
+    free = generate_solutions(
+        model,
+        tokenizer,
+        ["Question: q\nAnswer:"],
+        max_new_tokens=64,
+        batch_size=1,
+        stop="none",
+        progress=False,
+    )
+    assert "Question: Tom" in free.texts[0] and free.finished == [False]
 
 
 # --- evaluate() on a tiny random Llama ----------------------------------------------------------

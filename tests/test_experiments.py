@@ -143,7 +143,7 @@ def test_cells_expand_merge_utility_and_default_their_labels():
     assert (ablation.group, ablation.label) == ("ablation: weights", "acc-only")
     config = ablation.prune_config
     assert config.masks_per_round == 4 and config.prune_fraction == 0.2  # base, then the cell
-    assert config.utility.weights == {"acc": 100.0, "lex": 0.0, "sem": 0.0}
+    assert config.utility.weights == {"acc": 100.0, "lex": 0.0, "sem": 0.0, "prob": 0.0}
     assert g.eval_config.limit == 2 and g.eval_config.model == "default"
     assert str(g.out) == "results"
     assert parse_grid(grid({"method": "bonsai"})).cells[0].label == "bonsai+perplexity"

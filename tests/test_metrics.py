@@ -9,8 +9,10 @@ from bonsai_prune.core.metrics import (
     LEXICAL_METRICS,
     clean_text,
     contains_accuracy,
-    extract_answer,
+    extract_flexible,
+    extract_strict,
     find_numbers,
+    flexible_accuracy,
     lexical_similarity,
     number_overlap_f1,
     parse_number,
@@ -71,22 +73,47 @@ def test_find_numbers_reads_separators_and_currency() -> None:
     ("output", "expected"),
     [
         ("48/2 = 24 and 48+24 = 72\n#### 72", "72"),
-        ("#### 5 then #### 7", "7"),  # the last marker wins
+        ("#### 5 then #### 7", "5"),  # the first marker wins, as lm-eval's strict-match
         ("#### 18\n\nQuestion: Tom has 3 apples", "18"),  # first number after the marker
         ("so 3+4=7. The answer is 9. Next 11", "9"),
         ("THE ANSWER IS $1,200.", "1,200"),
         ("The final answer is 12", "12"),
         ("Answer: -4 and 7", "-4"),
-        ("answer: 3. Later the answer is 8", "8"),  # the last phrase wins
-        ("she has 3 then 4 then 5 apples", "5"),  # last number
+        ("answer: 3. Later the answer is 8", "3"),  # what it went on to write does not count
+        ("The answer is:\n5 apples, so 7", "7"),  # no number on the marker's line: last number
+        ("she has 3 then 4 then 5 apples", "5"),  # a finished solution: its last number
         ("24 clips ####", "24"),  # marker without a number falls through
         ("The answer is unknown, maybe 6", "6"),
         ("no numbers here", None),
         ("", None),
     ],
 )
-def test_extract_answer(output: str, expected: str | None) -> None:
-    assert extract_answer(output) == expected
+def test_extract_strict_of_a_finished_solution(output: str, expected: str | None) -> None:
+    assert extract_strict(output, finished=True) == expected
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ("so far 3 + 4 = 7 and then", None),  # cut at the cap: the last number is a step
+        ("24 clips ####", None),
+        ("she had 5. #### 72\nmore 9", "72"),
+        ("the answer is 8, and 3 + 4 = 7", "8"),
+    ],
+)
+def test_extract_strict_of_a_cut_off_solution_needs_a_marker(output, expected) -> None:
+    assert extract_strict(output, finished=False) == expected
+
+
+def test_extract_flexible_takes_the_last_number() -> None:
+    assert extract_flexible("#### 5 then 7 and 9.") == "9"
+    assert extract_flexible("none") is None
+
+
+def test_strict_and_flexible_differ_on_cut_off_text() -> None:
+    assert strict_accuracy("3 + 4 = 72", "72", finished=False) == 0.0
+    assert strict_accuracy("3 + 4 = 72", "72", finished=True) == 1.0
+    assert flexible_accuracy("3 + 4 = 72", "72") == 1.0
 
 
 @pytest.mark.parametrize(
@@ -241,4 +268,8 @@ def test_every_registered_metric_returns_a_float_in_unit_interval(metric, candid
 
 def test_registries_name_the_variants() -> None:
     assert LEXICAL_METRICS == {"rouge_numbers": lexical_similarity, "token_f1": token_f1}
-    assert ACCURACY_RULES == {"strict": strict_accuracy, "contains": contains_accuracy}
+    assert ACCURACY_RULES == {
+        "strict": strict_accuracy,
+        "flexible": flexible_accuracy,
+        "contains": contains_accuracy,
+    }

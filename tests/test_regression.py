@@ -278,3 +278,13 @@ def test_bad_input_is_rejected():
         fit_importance(masks[:1], scores[:1])
     with pytest.raises(ValueError, match="n_folds"):
         fit_importance(masks, scores, n_folds=1)
+
+
+def test_the_heaviest_penalty_is_reported():
+    masks, scores, _ = synthetic_round()
+    assert not fit_importance(masks, scores, method="ridge").at_max_penalty  # a real signal
+    noise = torch.randn(
+        scores.shape, generator=torch.Generator().manual_seed(0), dtype=scores.dtype
+    )
+    grid = [1e-3, 1e6]
+    assert fit_importance(masks, noise, method="ridge", alphas=grid).at_max_penalty

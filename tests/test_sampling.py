@@ -228,15 +228,17 @@ def test_removal_frequency_is_proportional_to_the_gap_from_the_max():
     assert frequency[-1] < 0.001  # the max-prior unit has only the epsilon floor
 
 
-def test_the_gap_is_measured_from_the_best_candidate_not_the_best_unit():
-    # fixed units with a far higher prior do not lift the best candidate's weight
-    prior = torch.cat([torch.arange(10, dtype=torch.float64), torch.full((10,), 1000.0)])
+def test_the_gap_is_measured_from_the_best_unit_of_the_module_as_bonsai_does():
+    # the module's best unit is fixed at 19: candidate j weighs 19 - j, so the best candidate
+    # (9) is still drawn, and the top candidates are not all kept together
+    prior = torch.cat([torch.arange(10, dtype=torch.float64), torch.full((10,), 19.0)])
     module_index = torch.zeros(20, dtype=torch.long)
-    fixed = prior > 100
+    fixed = prior > 10
     masks = fixed_count_masks(prior, fixed, module_index, 0.05, 2000, generator=gen(2))
     frequency = removal_frequency(masks)  # k = 1 of the 10 candidates per first mask
-    assert frequency[9] < 0.001
-    assert frequency[0] == pytest.approx(9 / 45, abs=0.03)
+    total = sum(19 - j for j in range(10))  # 145
+    assert frequency[9] == pytest.approx(10 / total, abs=0.03)
+    assert frequency[0] == pytest.approx(19 / total, abs=0.03)
 
 
 def test_uniform_prior_samples_candidates_uniformly():

@@ -131,7 +131,7 @@ def test_rule_and_lexical_variant_are_chosen_by_name() -> None:
     [
         (
             {"accuracy_rule": "exact"},
-            "unknown accuracy rule 'exact'; choose one of: contains, strict",
+            "unknown accuracy rule 'exact'; choose one of: contains, flexible, strict",
         ),
         (
             {"lexical": "bleu"},

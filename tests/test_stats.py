@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from bonsai_prune.eval.stats import bootstrap_ci, paired_difference
+from bonsai_prune.eval.stats import bootstrap_ci, paired_difference, wilson_interval
 
 # --- bootstrap_ci -------------------------------------------------------------------------------
 
@@ -53,3 +53,29 @@ def test_paired_difference_is_the_mean_per_item_difference_with_a_tight_ci():
     assert paired_difference([1.0, None, 3.0], [0.0, 5.0, None], 100, 0)[0] == pytest.approx(1.0)
     assert paired_difference([1.0, 2.0], [1.0], 100, 0) is None  # not the same problems
     assert paired_difference([None], [1.0], 100, 0) is None
+
+
+def test_wilson_interval_of_zero_successes_is_not_a_point():
+    low, high = wilson_interval(0, 96)
+    assert low == 0.0 and high == pytest.approx(0.0385, abs=5e-4)  # [0, 3.8]%, not [0, 0]
+    low, high = wilson_interval(96, 96)
+    assert high == 1.0 and low == pytest.approx(1 - 0.0385, abs=5e-4)
+
+
+@pytest.mark.parametrize(("k", "n"), [(4, 128), (1, 3), (50, 100), (7, 96)])
+def test_wilson_interval_matches_scipy(k, n):
+    from scipy.stats import binomtest
+
+    expected = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson_interval(k, n) == pytest.approx((expected.low, expected.high), abs=1e-9)
+
+
+def test_wilson_interval_narrows_with_n():
+    low, high = wilson_interval(4, 128)
+    assert wilson_interval(40, 1280)[1] - wilson_interval(40, 1280)[0] < high - low
+
+
+@pytest.mark.parametrize(("k", "n"), [(-1, 10), (11, 10), (0, 0)])
+def test_wilson_interval_rejects_impossible_counts(k, n):
+    with pytest.raises(ValueError):
+        wilson_interval(k, n)

@@ -126,7 +126,7 @@ def test_cli_options_build_the_same_config_as_the_library_defaults():
     )
     config = config_from_args(PruneConfig, args)
     assert config.prune_fraction == 0.2 and config.unit_kinds == "heads"  # old flags still work
-    assert config.utility.weights == {"acc": 100.0, "lex": 0.0, "sem": 0.0}
+    assert config.utility.weights == {"acc": 100.0, "lex": 0.0, "sem": 0.0, "prob": 0.0}
 
 
 def test_a_registered_name_appears_in_help_without_touching_the_cli():

@@ -16,19 +16,25 @@ from bonsai_prune.errors import ConfigError
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("acc=50,lex=25,sem=25", {"acc": 50.0, "lex": 25.0, "sem": 25.0}),
-        (" acc = 38 , lex=38, sem=24 ", {"acc": 38.0, "lex": 38.0, "sem": 24.0}),
-        ("accuracy=60,lexical=20,semantic=20", {"acc": 60.0, "lex": 20.0, "sem": 20.0}),
-        ("ACC=100", {"acc": 100.0, "lex": 0.0, "sem": 0.0}),  # missing names weigh 0
-        ("sem=100", {"acc": 0.0, "lex": 0.0, "sem": 100.0}),
-        ("acc=34,lex=33,sem=33,", {"acc": 34.0, "lex": 33.0, "sem": 33.0}),  # trailing comma
-        ("acc=33.3,lex=33.3,sem=33.4", {"acc": 33.3, "lex": 33.3, "sem": 33.4}),
+        ("acc=50,lex=25,sem=25", {"acc": 50.0, "lex": 25.0, "sem": 25.0, "prob": 0.0}),
+        (" acc = 38 , lex=38, sem=24 ", {"acc": 38.0, "lex": 38.0, "sem": 24.0, "prob": 0.0}),
+        (
+            "accuracy=60,lexical=20,semantic=20",
+            {"acc": 60.0, "lex": 20.0, "sem": 20.0, "prob": 0.0},
+        ),
+        ("ACC=100", {"acc": 100.0, "lex": 0.0, "sem": 0.0, "prob": 0.0}),  # missing names weigh 0
+        ("sem=100", {"acc": 0.0, "lex": 0.0, "sem": 100.0, "prob": 0.0}),
+        (
+            "acc=34,lex=33,sem=33,",
+            {"acc": 34.0, "lex": 33.0, "sem": 33.0, "prob": 0.0},
+        ),  # trailing comma
+        ("acc=33.3,lex=33.3,sem=33.4", {"acc": 33.3, "lex": 33.3, "sem": 33.4, "prob": 0.0}),
     ],
 )
 def test_parse_weights(spec: str, expected: dict[str, float]) -> None:
     weights = parse_weights(spec)
     assert weights == pytest.approx(expected)
-    assert list(weights) == ["acc", "lex", "sem"]
+    assert list(weights) == ["acc", "lex", "sem", "prob"]
 
 
 @pytest.mark.parametrize(
@@ -63,7 +69,12 @@ def test_error_messages_are_one_line() -> None:
 
 
 def test_validate_weights_fills_missing_names_and_maps_long_names() -> None:
-    assert validate_weights({"accuracy": 70, "sem": 30}) == {"acc": 70.0, "lex": 0.0, "sem": 30.0}
+    assert validate_weights({"accuracy": 70, "probability": 30}) == {
+        "acc": 70.0,
+        "lex": 0.0,
+        "sem": 0.0,
+        "prob": 30.0,
+    }
 
 
 def test_validate_weights_accepts_rounding_within_tolerance() -> None:
@@ -89,15 +100,15 @@ def test_validate_weights_rejects(weights: dict, message: str) -> None:
 
 def test_default_weights_are_valid() -> None:
     assert validate_weights(DEFAULT_WEIGHTS) == DEFAULT_WEIGHTS
-    assert DEFAULT_WEIGHTS == {"acc": 50.0, "lex": 25.0, "sem": 25.0}
+    assert DEFAULT_WEIGHTS == {"acc": 50.0, "lex": 25.0, "sem": 25.0, "prob": 0.0}
 
 
 @pytest.mark.parametrize(
     "weights",
     [
         DEFAULT_WEIGHTS,
-        {"acc": 38.0, "lex": 38.0, "sem": 24.0},
-        {"acc": 33.5, "lex": 33.0, "sem": 33.5},
+        {"acc": 38.0, "lex": 38.0, "sem": 24.0, "prob": 0.0},
+        {"acc": 33.5, "lex": 33.0, "sem": 33.5, "prob": 0.0},
     ],
 )
 def test_format_weights_round_trips(weights: dict[str, float]) -> None:

@@ -8,6 +8,7 @@ The CLI's ``prune`` command is this function with its arguments parsed.
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from bonsai_prune.models.pruned import save_model
 from bonsai_prune.rundir import run as rundir
 from bonsai_prune.rundir.files import atomic_save_tensors, atomic_write_json, interrupts_deferred
 from bonsai_prune.utility import UTILITIES, resolve_utility
+from bonsai_prune.utility.references import prepare_self_references
 
 
 @dataclass
@@ -143,6 +145,11 @@ def _run(
     )
     adapter, make_batch = context.adapter, context.make_batch
     n_original = adapter.count_parameters(model)
+    if getattr(method, "uses_utility", False):
+        # U† with self references: the dense parent's solutions, before any round is replayed
+        prepare_self_references(
+            score, model, tokenizer, planned_calibration_problems(pool, config), out
+        )
 
     report = {
         "complete": False,
@@ -237,6 +244,13 @@ def _calibration(pool, config: PruneConfig, index: int):
 def _saved_round(out: Path, index: int) -> tuple[torch.Tensor, dict]:
     tensors, figures = rundir.load_round(out, index)
     return tensors["keep"], figures
+
+
+def planned_calibration_problems(pool, config: PruneConfig) -> list:
+    """Every calibration problem the run can use: rounds 1 to ceil(p / f) + 2, and the final
+    score's batch after them (a greedy round can fall a little short of its budget)."""
+    n_rounds = math.ceil(config.sparsity / config.prune_fraction) + 2
+    return [p for i in range(1, n_rounds + 2) for p in _calibration(pool, config, i)]
 
 
 def _phase_totals(rounds: list[dict]) -> dict[str, float]:

@@ -69,26 +69,41 @@ def reference_perplexity(model, batch) -> float:
 
 
 @torch.no_grad()
-def reference_generate(model, tokenizer, prompt_ids: torch.Tensor, n_new: int) -> str:
-    """Greedy decoding of one prompt with logits over the whole vocabulary at every position."""
+def reference_generate(
+    model, tokenizer, prompt_ids: torch.Tensor, n_new: int, stop: str = "none"
+) -> tuple[str, int, bool]:
+    """Greedy decoding of one prompt with logits over the whole vocabulary at every position:
+    (text, tokens generated, whether it ended by itself)."""
+    from bonsai_prune.core.metrics import STOP_PATTERNS
+
+    pattern = STOP_PATTERNS[stop]
     output = model(input_ids=prompt_ids, use_cache=True)
     cache, tokens = output.past_key_values, []
     for _ in range(n_new):
         token = output.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
-        if int(token) == tokenizer.eos_token_id:
-            break
         tokens.append(int(token))
+        if int(token) == tokenizer.eos_token_id:
+            return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), True
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        if pattern is not None and pattern.search(text):
+            return text, len(tokens), True
         output = model(input_ids=token, past_key_values=cache, use_cache=True)
-    return tokenizer.decode(tokens, skip_special_tokens=True)
+    return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), False
 
 
 def reference_u_dagger(model, batch, utility) -> float:
-    outputs = []
+    from bonsai_prune.utility.base import answer_probability
+    from bonsai_prune.utility.generation import Generated
+
+    rows = []
     for row in range(batch.prompt_ids.shape[0]):
         ids = batch.prompt_ids[row : row + 1][:, batch.prompt_attention_mask[row].bool()]
-        outputs.append(reference_generate(model, batch.tokenizer, ids, utility.config.gen_tokens))
-    answers, prefixes = utility.references(batch)
-    return utility.score(outputs, answers, prefixes)
+        config = utility.config
+        rows.append(reference_generate(model, batch.tokenizer, ids, config.gen_tokens, config.stop))
+    texts, counts, finished = (list(column) for column in zip(*rows, strict=True))
+    generated = Generated(texts, [[] for _ in texts], counts, finished)
+    probs = answer_probability(model, batch) if utility.config.weights["prob"] > 0 else None
+    return utility.score_generated(batch, generated, probs)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -113,6 +128,7 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
     from bonsai_prune.methods.forward import score_masks
     from bonsai_prune.models import adapter_for, load_model
     from bonsai_prune.utility import resolve_utility
+    from bonsai_prune.utility.references import prepare_self_references
 
     fast_model, tokenizer = load_model(config.model, dtype="auto")
     ref_model, _ = load_model(config.model, dtype="fp32")
@@ -135,6 +151,7 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
 
     for name in ("perplexity", "comprehensive"):
         utility = resolve_utility(UtilityConfig(name=name))
+        prepare_self_references(utility, ref_model, tokenizer, problems)
         utility(fast_model, batch)  # warm-up: kernels, and the embedding model for U†
         fast, reference, fast_s, reference_s = [], [], 0.0, 0.0
         # Alternate the two paths group by group, so load from other jobs hits both alike.

@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from bonsai_prune.core.metrics import ACCURACY_RULES, LEXICAL_METRICS
+from bonsai_prune.core.metrics import ACCURACY_RULES, LEXICAL_METRICS, UTILITY_STOPS
 from bonsai_prune.core.regression import REGRESSIONS
 from bonsai_prune.core.sampling import REMOVAL_COUNTS
-from bonsai_prune.core.weights import DEFAULT_WEIGHTS, validate_weights
+from bonsai_prune.core.weights import DEFAULT_WEIGHTS, PRUNING_WEIGHTS, validate_weights
 from bonsai_prune.data.problems import SPLITS
 from bonsai_prune.data.prompts import PROMPT_STYLES
 from bonsai_prune.errors import ConfigError
@@ -34,6 +34,9 @@ def option(default: Any = dataclasses.MISSING, help: str = "", **meta: Any) -> A
     if callable(default) and not isinstance(default, (str, int, float, bool)):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+REFERENCE_KINDS = ("self", "gold", "gold_prefix")  # what U†'s lex/sem compare with (references.py)
 
 
 def _check_fraction(name: str, value: Any, *, hint: str) -> None:
@@ -104,10 +107,11 @@ class _JsonConfig:
         return cls(**values)
 
 
-def _weights_option() -> Any:
+def _weights_option(default: dict[str, float] = DEFAULT_WEIGHTS) -> Any:
     return option(
-        lambda: dict(DEFAULT_WEIGHTS),
-        "U† weights summing to 100, e.g. acc=38,lex=38,sem=24",
+        lambda: dict(default),
+        "U† weights summing to 100 over acc, lex, sem and prob (the gold answer's probability, "
+        "which needs a model), e.g. acc=38,lex=38,sem=24",
         parse="weights",
     )
 
@@ -126,9 +130,15 @@ class UtilityConfig(_JsonConfig):
         registry="utility",
         flag="utility",
     )
-    weights: dict[str, float] = _weights_option()
+    # chosen by round-1 validity on the packaged model (results/validity/): the unmasked model
+    # beats every one of its sub-models and damage correlates with the score (see README)
+    weights: dict[str, float] = _weights_option(PRUNING_WEIGHTS)
     accuracy: str = option(
-        "strict", "accuracy rule of U†", choices=tuple(ACCURACY_RULES), label="accuracy rule"
+        "strict",
+        "accuracy rule of U†: strict (an answer after a marker or at the end of a finished "
+        "solution), flexible (the last number), contains (the original study's rule)",
+        choices=tuple(ACCURACY_RULES),
+        label="accuracy rule",
     )
     lexical: str = option(
         "rouge_numbers",
@@ -136,12 +146,24 @@ class UtilityConfig(_JsonConfig):
         choices=tuple(LEXICAL_METRICS),
         label="lexical metric",
     )
-    gen_tokens: int = option(  # the original U† study's compromise between signal and cost
-        20, "tokens each sub-model generates for U†"
-    )
+    # a cap: each row stops after its answer line (stop="answer") or at end of sequence; 96 is
+    # the setting measured (20, the original's, cut the default model's solutions mid-preamble)
+    gen_tokens: int = option(96, "cap on the tokens each sub-model generates for U†")
     prompt: str = option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
     shots: int = option(0, SHOTS_HELP)
     max_length: int = option(768, "tokens of prompt + solution kept for teacher forcing")
+    reference: str = option(
+        "self",
+        "what U†'s lexical and semantic terms compare with: self (the dense parent's own "
+        "solution), gold (GSM8K's, needs --shots), gold_prefix (the original study's)",
+        choices=REFERENCE_KINDS,
+    )
+    stop: str = option(
+        "answer",
+        "answer: a row ends after its answer line; none: at end of sequence only",
+        choices=UTILITY_STOPS,
+        label="stop rule",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", validate_weights(dict(self.weights)))
@@ -149,6 +171,11 @@ class UtilityConfig(_JsonConfig):
         _check_int("gen_tokens", self.gen_tokens, minimum=1)
         _check_int("shots", self.shots, minimum=0, maximum=8)
         _check_int("max_length", self.max_length, minimum=2)
+        if self.reference == "gold" and self.shots < 1:
+            raise ConfigError(
+                "reference 'gold' needs worked exemplars in the prompt (shots >= 1), got shots=0; "
+                "e.g. --shots 2, or use reference 'self'"
+            )
 
 
 @dataclass(frozen=True)
@@ -255,7 +282,11 @@ class EvalConfig(_JsonConfig):
     shots: int = option(0, SHOTS_HELP)
     weights: dict[str, float] = _weights_option()
     accuracy: str = option(
-        "strict", "accuracy rule of U†", choices=tuple(ACCURACY_RULES), label="accuracy rule"
+        "strict",
+        "accuracy rule of U†: strict (an answer after a marker or at the end of a finished "
+        "solution), flexible (the last number), contains (the original study's rule)",
+        choices=tuple(ACCURACY_RULES),
+        label="accuracy rule",
     )
     lexical: str = option(
         "rouge_numbers",

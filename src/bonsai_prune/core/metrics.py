@@ -27,8 +27,9 @@ _NUMBER_IN_TEXT = re.compile(
 )
 # A whole string that is one number, once sign, currency, percent and trailing period are gone.
 _NUMBER_BODY = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+")
-# Phrases after which a model states its answer; the last one in the output wins.
-_ANSWER_PHRASE = re.compile(r"the\s+(?:final\s+)?answer\s+is|answer\s*:", re.IGNORECASE)
+# Phrases after which a model states its answer (lm-evaluation-harness's "####", widened to
+# the phrases chat models use).
+_ANSWER_MARKER = re.compile(r"####|the\s+(?:final\s+)?answer\s+is|answer\s*:", re.IGNORECASE)
 # ROUGE tokens: a number (thousands separators allowed) or a run of letters.
 _TOKEN = re.compile(r"\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d+(?:\.\d+)?|[^\W\d_]+")
 _ARTICLES = re.compile(r"\b(?:a|an|the)\b")
@@ -67,50 +68,67 @@ def find_numbers(text: str) -> list[str]:
     return [match.group().replace("$", "") for match in _NUMBER_IN_TEXT.finditer(text)]
 
 
-def extract_answer(output: str) -> str | None:
-    """The model's final answer in ``output`` as a number string, or None if it states none.
+def extract_strict(output: str, finished: bool = True) -> str | None:
+    """The answer ``output`` states, as a number string, or None (lm-evaluation-harness strict-match).
 
-    The rules, in order, follow how models write answers after GSM8K few-shot prompts:
-    1. the first number after the last '####';
-    2. else the first number after the last "the answer is" / "answer:" (any case);
-    3. else the last number anywhere in the text.
-    A rule whose marker is present but has no number after it falls through to the next one,
-    so a generation cut off right after "####" is still read by its last number.
+    1. the number right after the first answer marker ('####', "the answer is", "answer:") on
+       the marker's own line (a marker without a number on its line is skipped);
+    2. else, only if the solution is ``finished`` (it ended by itself, not at the token cap),
+       its last number: a finished solution's last number is its conclusion, a cut-off one's is
+       whatever step it had reached.
+    The *first* marker decides, because a model that goes on after stating its answer (a made-up
+    next question, a second attempt) must not be credited for what it wrote afterwards.
     """
-    if "####" in output:
-        after = find_numbers(output.rsplit("####", 1)[1])
-        if after:
-            return after[0]
-    phrases = list(_ANSWER_PHRASE.finditer(output))
-    if phrases:
-        after = find_numbers(output[phrases[-1].end() :])
-        if after:
-            return after[0]
+    for marker in _ANSWER_MARKER.finditer(output):
+        line = output[marker.end() :].split("\n", 1)[0]
+        numbers = find_numbers(line)
+        if numbers:
+            return numbers[0]
+    if finished:
+        return extract_flexible(output)
+    return None
+
+
+def extract_flexible(output: str) -> str | None:
+    """The last number anywhere in ``output`` (lm-evaluation-harness flexible-extract), or None."""
     numbers = find_numbers(output)
     return numbers[-1] if numbers else None
 
 
-def strict_accuracy(output: str, reference: str) -> float:
-    """1.0 iff the answer extracted from ``output`` equals the reference final answer numerically.
-
-    ``reference`` is a full GSM8K solution ending in '#### <answer>' or a bare answer. Values are
-    compared with a relative tolerance of 1e-6, so "18.0" matches "18" and "1,000" matches 1000.
-    Raises DataError when the reference final answer is not a number, since nothing could match.
-    """
+def _expected_answer(reference: str) -> float:
     expected = parse_number(final_answer(reference))
     if expected is None:
         raise DataError(
             f"reference final answer {final_answer(reference)!r} is not a number; "
             "strict accuracy needs a numeric reference (use the 'contains' rule instead)"
         )
-    answer = extract_answer(output)
+    return expected
+
+
+def _matches(answer: str | None, expected: float) -> float:
     value = parse_number(answer) if answer is not None else None
     if value is None:
         return 0.0
     return float(math.isclose(value, expected, rel_tol=RELATIVE_TOLERANCE))
 
 
-def contains_accuracy(output: str, reference: str) -> float:
+def strict_accuracy(output: str, reference: str, finished: bool = True) -> float:
+    """1.0 iff the answer ``output`` states (see ``extract_strict``) equals the reference's.
+
+    ``reference`` is a full GSM8K solution ending in '#### <answer>' or a bare answer. Values are
+    compared with a relative tolerance of 1e-6, so "18.0" matches "18" and "1,000" matches 1000.
+    ``finished``: whether the generation ended by itself; a cut-off one counts only after a
+    marker. Raises DataError when the reference final answer is not a number.
+    """
+    return _matches(extract_strict(output, finished), _expected_answer(reference))
+
+
+def flexible_accuracy(output: str, reference: str, finished: bool = True) -> float:
+    """1.0 iff the last number of ``output`` equals the reference final answer (finished unused)."""
+    return _matches(extract_flexible(output), _expected_answer(reference))
+
+
+def contains_accuracy(output: str, reference: str, finished: bool = True) -> float:
     """1.0 iff the reference final answer appears anywhere in ``output`` (the original rule).
 
     Commas are removed from both sides first. The rule gives false positives: reference "18" is
@@ -229,6 +247,19 @@ def token_f1(candidate: str, reference: str) -> float:
 
 
 Metric = Callable[[str, str], float]
+AccuracyRule = Callable[[str, str, bool], float]  # (output, reference, finished) -> 0.0 or 1.0
 
 LEXICAL_METRICS: dict[str, Metric] = {"rouge_numbers": lexical_similarity, "token_f1": token_f1}
-ACCURACY_RULES: dict[str, Metric] = {"strict": strict_accuracy, "contains": contains_accuracy}
+ACCURACY_RULES: dict[str, AccuracyRule] = {
+    "strict": strict_accuracy,
+    "flexible": flexible_accuracy,
+    "contains": contains_accuracy,  # the original U† study's rule
+}
+
+
+# The answer's line is complete: a marker, a number on the same line, then a line break.
+ANSWER_STOP = re.compile(r"(?:####|answer\s+is|answer\s*:)[^\n]*\d[^\n]*\n", re.IGNORECASE)
+# lm-evaluation-harness gsm8k: generation "until" the next "Question:"; the text is cut there.
+QUESTION_STOP = re.compile(r"Question:")
+STOP_PATTERNS = {"answer": ANSWER_STOP, "question": QUESTION_STOP, "none": None}
+UTILITY_STOPS = ("answer", "none")  # what a pruning utility's generation may stop at

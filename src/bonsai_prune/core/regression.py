@@ -3,7 +3,9 @@
 ``utility(mask) ~ intercept + sum_j beta_j * mask_j`` over the round's candidate units:
 beta_j is what keeping unit j adds to the utility, all else equal. Ridge (L2) or lasso (L1)
 regularisation, its strength chosen by K-fold held-out squared error, by scikit-learn's
-RidgeCV / LassoCV. Scores are standardised before the fit, so a grid suits any utility scale,
+RidgeCV / LassoCV. The folds keep each antithetic pair (rows 2i and 2i+1) together: after
+centring, the two rows of a pair are exact negatives of each other, so a pair split across
+folds leaks the held-out row into the fit and makes the held-out error optimistic. Scores are standardised before the fit, so a grid suits any utility scale,
 and beta is scaled back into utility units.
 
 A caveat of Bonsai's design: when every mask keeps the same number of a module's candidates
@@ -40,6 +42,9 @@ class RegressionFit:
     alpha: float  # chosen regularisation strength (scikit-learn's scale, standardised scores)
     cv_error: float  # mean held-out squared error at alpha, in utility units squared
     method: str  # "ridge" or "lasso"
+    # the search chose its heaviest penalty: the data favour predicting the mean (a sign of no
+    # signal, with a held-out R^2 <= 0; see utility/validity.py)
+    at_max_penalty: bool = False
 
 
 def fit_importance(
@@ -49,18 +54,21 @@ def fit_importance(
     method: str = "ridge",
     alphas: Sequence[float] | None = None,
     n_folds: int = 5,
+    groups: np.ndarray | None = None,
 ) -> RegressionFit:
     """Fit beta (C,) from keep masks (N, C) bool over the candidates and utilities (N,).
 
     masks: the sampled keep masks restricted to the candidate columns (``masks[:, ~fixed]``);
     scores: the utility of each masked sub-model, finite (replace failures first);
     method: "ridge" or "lasso"; alphas: the grid to search (default: scaled to the data, see
-    ``default_alphas``); n_folds: K of the K-fold search, lowered to N when N is smaller.
+    ``default_alphas``); n_folds: K of the K-fold search, lowered to the number of groups when
+    there are fewer; groups (N,): rows that must share a fold, default ``arange(N) // 2`` (the
+    antithetic pairs of ``sampling.sample_masks``).
 
     Constant scores carry no information: beta is all zeros, alpha and cv_error are 0.
     """
     from sklearn.linear_model import LassoCV, RidgeCV  # deferred: a slow import
-    from sklearn.model_selection import KFold
+    from sklearn.model_selection import GroupKFold
 
     if method not in REGRESSIONS:
         raise ValueError(f"unknown regression {method!r}; choose one of: {', '.join(REGRESSIONS)}")
@@ -84,7 +92,12 @@ def fit_importance(
         return RegressionFit(beta, mean, 0.0, 0.0, method)
     y_std = (y - mean) / std  # (N,) mean 0, variance 1
     grid = list(alphas) if alphas is not None else default_alphas(x, y_std, method)
-    folds = KFold(n_splits=min(n_folds, n_samples), shuffle=True, random_state=0)
+    groups = np.arange(n_samples) // 2 if groups is None else np.asarray(groups)
+    if len(np.unique(groups)) < 2:  # a single pair: nothing to hold out but its rows
+        groups = np.arange(n_samples)
+    n_groups = len(np.unique(groups))
+    splitter = GroupKFold(n_splits=min(n_folds, n_groups), shuffle=True, random_state=0)
+    folds = list(splitter.split(x, y_std, groups))
     if method == "ridge":
         model = RidgeCV(alphas=grid, cv=folds, scoring="neg_mean_squared_error").fit(x, y_std)
         cv_error = -float(model.best_score_)
@@ -94,7 +107,10 @@ def fit_importance(
         cv_error = float(model.mse_path_[at_alpha].mean())  # mse_path_: (n_alphas, n_folds)
     beta = torch.from_numpy(np.asarray(model.coef_, dtype=np.float64) * std)  # (C,)
     intercept = float(model.intercept_) * std + mean
-    return RegressionFit(beta, intercept, float(model.alpha_), cv_error * std**2, method)
+    at_max = float(model.alpha_) >= max(grid) * (1 - 1e-9)
+    return RegressionFit(
+        beta, intercept, float(model.alpha_), cv_error * std**2, method, at_max_penalty=at_max
+    )
 
 
 def default_alphas(x: np.ndarray, y_std: np.ndarray, method: str) -> list[float]:

@@ -1,9 +1,10 @@
 """Sampling sub-models: antithetic pairs of keep masks over a round's candidate units.
 
 The first mask of a pair removes ``k`` units of every module, drawn without replacement from
-the module's candidates with probability proportional to ``max(prior) - prior + eps`` over
-those candidates: units the prior rates low are perturbed more often, yet every candidate can
-be drawn. Its partner removes exactly the candidates the first kept and keeps the ones it
+the module's candidates with probability proportional to ``max(prior) - prior + eps``, the max
+taken over the whole module as Bonsai does (over the candidates alone, the best candidate
+would get weight ~0 and the top candidates would all be kept together): units the prior
+rates low are perturbed more often, yet every candidate can be drawn. Its partner removes exactly the candidates the first kept and keeps the ones it
 removed. Each candidate is thus present in exactly one mask of the pair, which balances the
 regression's design and cancels much of the sampling noise for the same number of evaluations.
 
@@ -33,13 +34,16 @@ EPSILON = 1e-6  # sampling-weight floor, relative to the module's largest gap (o
 REMOVAL_COUNTS = ("varied", "fixed")
 
 
-def removal_weights(prior: torch.Tensor) -> torch.Tensor:
+def removal_weights(prior: torch.Tensor, module_max: float | None = None) -> torch.Tensor:
     """Sampling weights (c,) float64 for candidates with prior (c,): low prior, high weight.
 
-    ``max - prior`` would give the most important candidate probability zero; the floor keeps
-    it possible, and turns an all-equal prior into uniform sampling.
+    ``module_max``: the largest prior of the candidates' whole module (fixed units included);
+    default: the candidates' own largest. ``max - prior`` would give a candidate at the max
+    probability zero; the floor keeps it possible, and turns an all-equal prior into uniform
+    sampling.
     """
-    gap = prior.double().max() - prior.double()  # (c,) >= 0
+    top = prior.double().max() if module_max is None else torch.tensor(float(module_max))
+    gap = (top - prior.double()).clamp(min=0)  # (c,) >= 0
     largest = float(gap.max())
     return gap + EPSILON * (largest if largest > 0 else 1.0)  # relative: the prior's scale is free
 
@@ -103,7 +107,8 @@ def sample_masks(
         k = removals_per_module(units.numel(), candidates.numel(), sample_fraction)
         if k == 0:
             continue
-        weights = removal_weights(prior[candidates]).expand(n_pairs, -1)  # (P, c)
+        finite = prior[units][torch.isfinite(prior[units])]  # fixed units may carry +inf
+        weights = removal_weights(prior[candidates], float(finite.max())).expand(n_pairs, -1)
         if removal_counts == "fixed":
             # each row draws k distinct candidates; rows are independent pairs
             drawn = torch.multinomial(weights, k, replacement=False, generator=generator)

@@ -44,6 +44,7 @@ def select_units(
     min_keep: torch.Tensor,
     current_keep: torch.Tensor | None = None,
     shared: SharedCosts | None = None,
+    tiebreak: torch.Tensor | None = None,
 ) -> Selection:
     """Keep mask (U,) that removes the least important units until ``budget`` is spent.
 
@@ -56,6 +57,10 @@ def select_units(
     shared, optional: parameters groups of units share (K/V heads). Then ``unit_costs`` are
     the units' own parameters, and removing the last kept unit of a group also frees (and is
     charged) the group's cost, so ``removed_params`` is exactly what slicing frees.
+    tiebreak (U,), optional: orders units whose scores tie, lowest first (e.g. each unit's prior
+    rank within its module, ``utility.validity.prior_tiebreak``), so that equal betas (all of
+    them when a round has no signal) are not removed by unit position; ties left go to the
+    lower index.
 
     Greedy, as in Bonsai: a unit that does not fit is skipped and the walk goes on; it ends
     when what is left of the budget is below the cost of every unit still ahead.
@@ -86,7 +91,10 @@ def select_units(
     kept_in_module = torch.bincount(module_index[keep], minlength=min_keep.numel()).tolist()
     floor = min_keep.tolist()
 
-    order = torch.sort(score, stable=True).indices  # (U,) least important first
+    order = torch.arange(n_units)
+    if tiebreak is not None:
+        order = torch.sort(tiebreak.detach().cpu().double(), stable=True).indices  # (U,)
+    order = order[torch.sort(score[order], stable=True).indices]  # (U,) least important first
     order = order[(score[order] != float("inf")) & keep[order]]  # (R,) removable, in order
     # (R,) cheapest cost from each position on: once the budget left is below it, stop
     cheapest_ahead = costs[order].flip(0).cummin(0).values.flip(0).tolist()

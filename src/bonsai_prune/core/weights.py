@@ -1,4 +1,9 @@
-"""The U† weights: how many of the 100 points go to accuracy, lexical and semantic similarity.
+"""The U† weights: how many of the 100 points go to each metric of U†.
+
+``acc`` (a 0/1 final-answer rule), ``lex`` and ``sem`` (similarity to a reference text) are the
+original study's three; ``prob`` is the continuous accuracy term (the geometric-mean probability
+of the gold final answer's tokens after the question and the gold reasoning), which a damaged
+model loses gradually where the 0/1 rule is all zeros at this scale.
 
 Weights are user-set (``--weights acc=50,lex=25,sem=25``) and must sum to 100, so that U† lies
 in [0, 100]; a wrong mix stops the run before any model is loaded (DESIGN.md §3).
@@ -10,23 +15,34 @@ import math
 
 from bonsai_prune.errors import ConfigError
 
-NAMES = ("acc", "lex", "sem")
-ALIASES = {"accuracy": "acc", "lexical": "lex", "semantic": "sem"}
-DEFAULT_WEIGHTS: dict[str, float] = {"acc": 50.0, "lex": 25.0, "sem": 25.0}
+NAMES = ("acc", "lex", "sem", "prob")
+ALIASES = {
+    "accuracy": "acc",
+    "lexical": "lex",
+    "semantic": "sem",
+    "probability": "prob",
+}
+DEFAULT_WEIGHTS: dict[str, float] = {"acc": 50.0, "lex": 25.0, "sem": 25.0, "prob": 0.0}
+# the pruning utility's default mix, chosen by round-1 validity (README, results/validity/)
+PRUNING_WEIGHTS: dict[str, float] = {"acc": 0.0, "lex": 30.0, "sem": 30.0, "prob": 40.0}
 TOTAL = 100.0
 _TOLERANCE = 1e-6
 _EXAMPLE = "e.g. --weights acc=50,lex=25,sem=25"
 
 
 def format_weights(weights: dict[str, float]) -> str:
-    """Weights in the ``--weights`` syntax, e.g. "acc=50,lex=25,sem=25" (parse_weights reads it)."""
-    return ",".join(f"{name}={_number(value)}" for name, value in weights.items())
+    """Weights in the ``--weights`` syntax, e.g. "acc=50,lex=25,sem=25" (parse_weights reads it).
+
+    Zero weights are left out (a name left out weighs 0), so the original three-metric mixes
+    print as they always did.
+    """
+    return ",".join(f"{name}={_number(value)}" for name, value in weights.items() if value)
 
 
 def parse_weights(spec: str) -> dict[str, float]:
     """Parse "acc=50,lex=25,sem=25" (long names accuracy/lexical/semantic too) and validate it.
 
-    Returns all three short names in the order acc, lex, sem; a name left out weighs 0.
+    Returns every short name in the order of NAMES; a name left out weighs 0.
     """
     weights: dict[str, float] = {}
     for entry in spec.split(","):
@@ -50,7 +66,7 @@ def parse_weights(spec: str) -> dict[str, float]:
 
 
 def validate_weights(weights: dict[str, float]) -> dict[str, float]:
-    """Check a weight mix and return it complete: {"acc", "lex", "sem"} -> float, summing to 100.
+    """Check a weight mix and return it complete: every name of NAMES -> float, summing to 100.
 
     Long names are mapped to short ones; missing names weigh 0. Raises ConfigError for an
     unknown or repeated name, a negative or non-finite weight, or a sum other than 100.

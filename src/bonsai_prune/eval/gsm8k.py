@@ -3,9 +3,15 @@
 Every model is evaluated on the *first* ``limit`` problems of the split, in file order, so two
 models evaluated with the same limit always see the same problems and their numbers compare
 item by item. Each generation is scored against the full reference solution with
-:func:`bonsai_prune.scoring.score_texts`; both accuracy rules (strict and the original study's
-"contains") are reported, with percentile-bootstrap 95% confidence intervals, because at this
-scale accuracy is a few percent and its noise is as large as the effects being measured.
+:func:`bonsai_prune.scoring.score_texts`, the combiner the pruning utility uses; every accuracy
+rule is reported (strict: lm-evaluation-harness strict-match, an answer after a marker or at
+the end of a finished solution; flexible: the last number; contains: the original study's),
+with Wilson 95% intervals, and U† with a percentile-bootstrap one, because at this scale
+accuracy is a few percent and its noise is as large as the effects being measured.
+
+Plain k-shot prompts stop at a new "Question:" (as lm-evaluation-harness does) and the text is
+cut there, so a made-up next question never decides the answer; chat prompts stop at the end
+of sequence. ``max_new_tokens`` is a cap.
 """
 
 from __future__ import annotations
@@ -26,16 +32,18 @@ from bonsai_prune.data.calibration import build_batch
 from bonsai_prune.data.problems import Problem, load_gsm8k
 from bonsai_prune.data.prompts import exemplars, format_prompt
 from bonsai_prune.errors import ConfigError, ModelLoadError, UnsupportedModelError
-from bonsai_prune.eval.stats import CI_LEVEL, bootstrap_ci
+from bonsai_prune.eval.stats import CI_LEVEL, bootstrap_ci, wilson_interval
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import DEFAULT_MODEL, load_model, packaged_gguf
 from bonsai_prune.models.pruned import MODEL_DIR, is_pruned_dir
 from bonsai_prune.rundir.files import atomic_write_json, atomic_write_text
-from bonsai_prune.utility.base import solution_nll
+from bonsai_prune.utility.base import answer_probability, solution_nll
 from bonsai_prune.utility.combine import score_texts
+from bonsai_prune.utility.generation import generate_greedy
 
-CI_METRICS = ("accuracy_strict", "accuracy_contains", "u_dagger")
-MEAN_METRICS = ("accuracy_strict", "accuracy_contains", "lexical", "semantic", "u_dagger")
+PROPORTIONS = ("accuracy_strict", "accuracy_flexible", "accuracy_contains")  # Wilson intervals
+CI_METRICS = (*PROPORTIONS, "u_dagger")
+MEAN_METRICS = (*PROPORTIONS, "lexical", "semantic", "answer_prob", "u_dagger")
 
 
 @dataclass(frozen=True)
@@ -51,7 +59,8 @@ class Generations:
     """Greedy outputs in the order of the prompts given."""
 
     texts: list[str]
-    n_new_tokens: list[int]  # up to and including the first end-of-sequence token
+    n_new_tokens: list[int]  # up to and including the token that ended the row
+    finished: list[bool]  # ended by itself (end of sequence, "Question:"), not by the cap
     seconds: float  # time spent inside model.generate
 
 
@@ -69,13 +78,17 @@ def generate_solutions(
     *,
     max_new_tokens: int,
     batch_size: int,
+    stop: str = "none",
     progress: bool = True,
 ) -> Generations:
-    """Greedy generation in batches of prompts sorted by length (less padding), order restored."""
+    """Greedy generation in batches of prompts sorted by length (less padding), order restored.
+
+    stop: "none" (end of sequence) or "question" (also at a new "Question:", cut there).
+    """
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
-    stop_ids = _stop_token_ids(model, tokenizer)
     texts, counts = [""] * len(prompts), [0] * len(prompts)
+    finished = [False] * len(prompts)
     tokenizer.padding_side = "left"
     seconds = 0.0
     with tqdm(total=len(prompts), desc="generating", unit="problem", disable=not progress) as bar:
@@ -88,35 +101,20 @@ def generate_solutions(
                 return_tensors="pt",
             ).to(model.device)
             began = time.perf_counter()
-            output = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-            )  # (b, P + new)
+            generated = generate_greedy(
+                model,
+                tokenizer,
+                batch["input_ids"],
+                batch["attention_mask"],
+                max_new_tokens,
+                stop,
+            )
             seconds += time.perf_counter() - began
-            new = output[:, batch["input_ids"].shape[1] :].cpu()  # (b, new)
-            decoded = tokenizer.batch_decode(new, skip_special_tokens=True)
-            for row, text, tokens in zip(rows, decoded, new, strict=True):
-                texts[row], counts[row] = text.strip(), _count_new_tokens(tokens, stop_ids)
+            for i, row in enumerate(rows):
+                texts[row] = generated.texts[i].strip()
+                counts[row], finished[row] = generated.n_tokens[i], generated.finished[i]
             bar.update(len(rows))
-    return Generations(texts, counts, seconds)
-
-
-def _stop_token_ids(model, tokenizer) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, (list, tuple)) else [eos])
-    ids.add(tokenizer.eos_token_id)
-    return {i for i in ids if i is not None}
-
-
-def _count_new_tokens(tokens: torch.Tensor, stop_ids: set[int]) -> int:
-    """Tokens generated for one row: up to the first stop token (inclusive); the rest is padding."""
-    for position, token in enumerate(tokens.tolist()):
-        if token in stop_ids:
-            return position + 1
-    return int(tokens.shape[0])
+    return Generations(texts, counts, finished, seconds)
 
 
 def reference_nll(
@@ -129,15 +127,17 @@ def reference_nll(
     batch_size: int,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Per-problem mean NLL (nats/token) of the reference solution after its prompt: (n,).
+    """Per problem: mean NLL (nats/token) of the reference solution after its prompt, and the
+    probability of its final answer (``utility.base.answer_probability``): two (n,) tensors.
 
-    NaN for a problem whose prompt fills the model's context, leaving no solution token to score.
+    A prompt that fills the model's context is cut from the left, so the solution is scored.
     """
     max_length = getattr(model.config, "max_position_embeddings", 2048)
     order = sorted(
         range(len(problems)), key=lambda i: -len(problems[i].question + problems[i].answer)
     )
     nll = torch.full((len(problems),), math.nan)
+    answer = torch.full((len(problems),), math.nan)
     with tqdm(total=len(problems), desc="perplexity", unit="problem", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
@@ -149,11 +149,10 @@ def reference_nll(
                 max_length=max_length,
                 device=model.device,
             )
-            chunk = solution_nll(model, batch).float().cpu()  # (b,)
-            scored = batch.target_mask.sum(1).cpu() > 0  # (b,)
-            nll[rows] = torch.where(scored, chunk, torch.tensor(math.nan))
+            nll[rows] = solution_nll(model, batch).float().cpu()  # (b,) NaN: nothing scored
+            answer[rows] = answer_probability(model, batch).float().cpu()  # (b,)
             bar.update(len(rows))
-    return nll
+    return nll, answer
 
 
 def evaluate(
@@ -189,9 +188,10 @@ def evaluate(
         prompts,
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
+        stop="question" if config.prompt == "plain" else "none",
         progress=progress,
     )
-    nll = reference_nll(
+    nll, answer_probs = reference_nll(
         model,
         tokenizer,
         problems,
@@ -204,6 +204,8 @@ def evaluate(
         generations.texts,
         [p.answer for p in problems],
         config.weights,
+        finished=generations.finished,
+        answer_probs=answer_probs.tolist(),
         accuracy_rule=config.accuracy,
         lexical=config.lexical,
     )
@@ -228,8 +230,8 @@ def _records(
     problems: list[Problem], generations: Generations, nll: torch.Tensor, per_item: list[dict]
 ) -> list[dict]:
     """One JSON-ready dict per problem: the texts, the tokens generated and every metric."""
-    texts, counts = generations.texts, generations.n_new_tokens
-    rows = zip(problems, texts, counts, nll.tolist(), per_item, strict=True)
+    texts, counts, finished = generations.texts, generations.n_new_tokens, generations.finished
+    rows = zip(problems, texts, counts, finished, nll.tolist(), per_item, strict=True)
     return [
         {
             "index": i,
@@ -237,10 +239,11 @@ def _records(
             "reference": problem.answer,
             "prediction": text,
             "n_new_tokens": n_new,
+            "finished": done,
             "reference_nll": _finite(item_nll),
             **item,
         }
-        for i, (problem, text, n_new, item_nll, item) in enumerate(rows)
+        for i, (problem, text, n_new, done, item_nll, item) in enumerate(rows)
     ]
 
 
@@ -251,10 +254,14 @@ def _summarise(
     for key in MEAN_METRICS:
         values = [r[key] for r in records if r[key] is not None]
         summary[key] = float(np.mean(values)) if values else None
-        if key in CI_METRICS:
-            summary[f"{key}_ci"] = (
-                list(bootstrap_ci(values, config.n_bootstrap, config.seed)) if values else None
-            )
+        if key in CI_METRICS and values:
+            if key in PROPORTIONS:
+                summary[f"{key}_ci"] = list(wilson_interval(sum(values), len(values)))
+            else:
+                summary[f"{key}_ci"] = list(bootstrap_ci(values, config.n_bootstrap, config.seed))
+        elif key in CI_METRICS:
+            summary[f"{key}_ci"] = None
+    summary["n_finished"] = sum(bool(r["finished"]) for r in records)
     summary["ci_level"] = CI_LEVEL
     scored = nll[~torch.isnan(nll)]  # (n_scored,)
     mean_nll = float(scored.mean()) if scored.numel() else math.nan
@@ -341,6 +348,7 @@ def format_summary(summary: dict) -> str:
     rows = [
         ("model", f"{summary.get('model')}  (n={summary.get('n')})"),
         ("accuracy (strict)", ratio("accuracy_strict")),
+        ("accuracy (flexible)", ratio("accuracy_flexible")),
         ("accuracy (contains)", ratio("accuracy_contains")),
         ("lexical", optional("lexical", "{:.3f}")),
         ("semantic", optional("semantic", "{:.3f}")),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,6 +38,7 @@ from bonsai_prune.data.calibration import CalibrationBatch
 from bonsai_prune.errors import PruningError, RunDirectoryError
 from bonsai_prune.methods.base import METHODS, MethodResult, PruneContext
 from bonsai_prune.methods.forward import score_masks, unit_prior
+from bonsai_prune.utility.validity import UtilityWarning, measure_validity, prior_tiebreak
 
 MAX_SAMPLE_FRACTION = 0.45  # 2f of a module must stay a strict subset of it
 
@@ -57,6 +59,9 @@ class RoundResult:
     regression_alpha: float
     regression_cv_error: float
     timings: dict[str, float]
+    # share_beaten, rank_correlation, held_out_r2, constant, no_signal, informative
+    # (utility/validity.py), and selected_by: "regression" or "prior" (the no-signal fallback)
+    validity: dict
     masks: torch.Tensor  # (N, U) bool keep masks sampled
     scores: torch.Tensor  # (N,) utility of each mask (non-finite replaced)
     candidates: torch.Tensor  # (U,) bool units that were sampled
@@ -148,8 +153,13 @@ def run_round(
 
     candidates = ~fixed
     fit = fit_importance(masks[:, candidates], scores, method=config.regression)
+    n_removed = (~masks[:, candidates]).sum(1)  # (N,) units each sub-model removed
+    validity = measure_validity(utility_before, scores, n_removed, fit.cv_error, fit.at_max_penalty)
     beta = torch.full((layout.n_units,), math.inf, dtype=torch.float64)
-    beta[candidates] = fit.beta.double()
+    # no signal: every candidate ties and the prior's rank within its module decides
+    beta[candidates] = 0.0 if validity.no_signal else fit.beta.double()
+    if (message := validity.warning(index)) is not None:
+        warnings.warn(message, UtilityWarning, stacklevel=2)
     costs, shared = selection_costs(adapter, model)
     selection = select_units(
         beta,
@@ -158,6 +168,7 @@ def run_round(
         module_index,
         min_keep_per_module(adapter, layout, config.allow_empty_modules),
         shared=shared,
+        tiebreak=prior_tiebreak(prior, module_index),
     )
     lap("regression")
 
@@ -183,6 +194,10 @@ def run_round(
         regression_alpha=fit.alpha,
         regression_cv_error=fit.cv_error,
         timings=timings,
+        validity={
+            **validity.to_dict(),
+            "selected_by": "prior" if validity.no_signal else "regression",
+        },
         masks=masks,
         scores=raw_scores,
         candidates=candidates,

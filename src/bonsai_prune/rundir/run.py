@@ -36,8 +36,16 @@ from bonsai_prune.rundir.files import (
     read_json,
     write_failed,
 )
+from bonsai_prune.utility.references import SELF_REFERENCES_FILE
 
-RUN_ENTRIES = ("config.json", "report.json", "rounds", "keep.safetensors", MODEL_DIR)
+RUN_ENTRIES = (
+    "config.json",
+    "report.json",
+    "rounds",
+    "keep.safetensors",
+    MODEL_DIR,
+    SELF_REFERENCES_FILE,
+)
 
 
 def round_path(out: Path, index: int, suffix: str) -> Path:

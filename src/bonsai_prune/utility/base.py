@@ -27,6 +27,8 @@ class Utility(Protocol):
 def solution_nll(model, batch: CalibrationBatch, rows_per_chunk: int = 4) -> torch.Tensor:
     """Mean negative log-likelihood of the reference solution tokens, per problem (n,).
 
+    NaN for a problem with no solution token to score (never 0, which would be a perfect score).
+
     Runs the decoder once and applies the LM head only at the scored positions: the
     full-vocabulary projection at every position would be about a fifth of the work, wasted.
     Rows are grouped by length and each chunk is cut to its longest row, so little padding is
@@ -49,5 +51,41 @@ def solution_nll(model, batch: CalibrationBatch, rows_per_chunk: int = 4) -> tor
         token_nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
         row = torch.nonzero(target)[:, 0]  # which problem of the chunk each scored token is
         sums = torch.zeros(len(rows), device=ids.device).index_add_(0, row, token_nll)
-        nll[rows] = sums / target.sum(1).clamp(min=1)
+        counts = target.sum(1)  # (b,)
+        nll[rows] = torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
     return nll
+
+
+@torch.no_grad()
+def row_nll(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean NLL (B,) of the tokens after the ``target_mask`` positions, one forward of all rows.
+
+    Unlike ``solution_nll`` it keeps the rows together, so a keep mask of shape (B, U) applied
+    around it gives every row its own sub-model. NaN for a row without a target.
+    """
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logits = head(hidden[target_mask]).float()  # (n_scored, V)
+    labels = torch.roll(input_ids, shifts=-1, dims=1)[target_mask]  # (n_scored,)
+    token_nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    row = torch.nonzero(target_mask)[:, 0]  # (n_scored,) which row each scored token is in
+    sums = torch.zeros(input_ids.shape[0], device=input_ids.device).index_add_(0, row, token_nll)
+    counts = target_mask.sum(1)  # (B,)
+    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
+
+
+def answer_probability(model, batch: CalibrationBatch, repeats: int = 1) -> torch.Tensor:
+    """Probability of the gold final answer after the question and the gold reasoning.
+
+    Teacher forced: the model reads prompt + reference solution and is scored on the tokens of
+    the answer after '####', as the geometric mean of their probabilities (exp of minus the mean
+    NLL), so the value lies in [0, 1] whatever the answer's length. Returns (repeats * n,):
+    the batch repeated ``repeats`` times (row i of copy g for sub-model g under a (G*n, U)
+    keep mask); NaN where the answer did not fit in ``max_length``.
+    """
+    ids = batch.input_ids.repeat(repeats, 1)  # (G*n, L)
+    attention = batch.attention_mask.repeat(repeats, 1)
+    answer = batch.answer_mask.repeat(repeats, 1)
+    return torch.exp(-row_nll(model, ids, attention, answer))

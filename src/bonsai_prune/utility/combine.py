@@ -1,13 +1,16 @@
-"""Score generated texts against references with U† (DESIGN.md §3), without any model to prune.
+"""U† (DESIGN.md §3): the one place that combines the metrics into a score.
 
-``score_texts`` is the one place that combines the metrics: U† = sum_i weight_i * metric_i,
-with weights summing to 100 and each metric in [0, 1], so U† lies in [0, 100]. It serves both
-the pruning loop (one call per sub-model) and ``bonsai-prune score`` on a JSONL file of
-predictions, so a user can check a weight mix on outputs they already have.
+U† = sum_i weight_i * metric_i, with weights summing to 100 and each metric in [0, 1], so U†
+lies in [0, 100]. The pruning utility (one call per sub-model), ``bonsai-prune score`` on a JSONL
+file of predictions and ``evaluate`` all call ``score_texts``, so a weight mix means the same
+number everywhere (they used to disagree: only this path cleaned texts before the semantic
+metric).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
@@ -17,6 +20,7 @@ from bonsai_prune.core.metrics import (
     LEXICAL_METRICS,
     clean_text,
     contains_accuracy,
+    flexible_accuracy,
     parse_number,
     strict_accuracy,
 )
@@ -25,19 +29,20 @@ from bonsai_prune.data.problems import final_answer, json_objects
 from bonsai_prune.errors import ConfigError, DataError
 from bonsai_prune.utility.semantic import SemanticScorer
 
-METRICS = ("accuracy", "lexical", "semantic")
-_WEIGHT_OF = {"accuracy": "acc", "lexical": "lex", "semantic": "sem"}
+METRICS = ("accuracy", "lexical", "semantic", "answer_prob")
+_WEIGHT_OF = {"accuracy": "acc", "lexical": "lex", "semantic": "sem", "answer_prob": "prob"}
 
 
 @dataclass(frozen=True)
 class ScoreResult:
     """Per-item and mean scores.
 
-    ``per_item[i]`` has keys accuracy, lexical, semantic (None where the metric's weight is 0,
-    since it was not computed), u_dagger in [0, 100], and accuracy_strict / accuracy_contains,
-    always reported so the two accuracy rules can be compared (accuracy_strict is None when the
-    reference has no numeric final answer). ``aggregate`` holds the mean of each of these keys
-    over the items where it is not None (None if it never is) and n, the number of items.
+    ``per_item[i]`` has keys accuracy, lexical, semantic, answer_prob (None where the metric's
+    weight is 0, since it was not computed), u_dagger in [0, 100], and accuracy_strict /
+    accuracy_flexible / accuracy_contains, always reported so the rules can be compared (the
+    first two are None when the reference has no numeric final answer). ``aggregate`` holds the
+    mean of each of these keys over the items where it is not None (None if it never is) and
+    n, the number of items.
     """
 
     per_item: list[dict[str, float | None]]
@@ -49,17 +54,27 @@ def score_texts(
     references: list[str],
     weights: dict[str, float],
     *,
+    answers: Sequence[str] | None = None,
+    finished: Sequence[bool] | None = None,
+    answer_probs: Sequence[float] | None = None,
     accuracy_rule: str = "strict",
     lexical: str = "rouge_numbers",
     semantic_scorer: SemanticScorer | None = None,
 ) -> ScoreResult:
-    """Score each prediction against its reference with U†.
+    """Score each prediction with U†.
 
     Args:
         predictions: generated texts, one per item.
-        references: GSM8K solutions ("... #### 18") or bare answers, aligned with predictions.
+        references: what lexical and semantic similarity compare with (a GSM8K solution, its
+            prefix, or the dense parent's own solution), aligned with predictions.
         weights: the U† mix, e.g. {"acc": 50, "lex": 25, "sem": 25}; validated here.
-        accuracy_rule: a name in ACCURACY_RULES ("strict" or "contains").
+        answers: what accuracy checks: GSM8K solutions ("... #### 18") or bare answers;
+            default: ``references``.
+        finished: whether each generation ended by itself rather than at the token cap (the
+            strict rule reads a cut-off text's answer only after a marker); default: all True.
+        answer_probs: per item, the probability of the gold final answer in [0, 1] (computed
+            with the model, see ``utility.base.answer_probability``); needed when prob > 0.
+        accuracy_rule: a name in ACCURACY_RULES ("strict", "flexible" or "contains").
         lexical: a name in LEXICAL_METRICS ("rouge_numbers" or "token_f1").
         semantic_scorer: reuse one across calls to keep its reference-embedding cache; created
             on demand when the semantic weight is above 0, never otherwise.
@@ -67,36 +82,46 @@ def score_texts(
     weights = validate_weights(weights)
     accuracy = _choose(ACCURACY_RULES, accuracy_rule, "accuracy rule")
     lexical_metric = _choose(LEXICAL_METRICS, lexical, "lexical metric")
-    _check_inputs(predictions, references)
-    numeric = [parse_number(final_answer(r)) is not None for r in references]
-    if weights["acc"] > 0 and accuracy is strict_accuracy and not all(numeric):
+    answers = list(references if answers is None else answers)
+    finished = [True] * len(predictions) if finished is None else list(finished)
+    _check_inputs(predictions, references, answers, finished)
+    numeric = [parse_number(final_answer(a)) is not None for a in answers]
+    if weights["acc"] > 0 and accuracy is not contains_accuracy and not all(numeric):
         bad = numeric.index(False)
         raise DataError(
-            f"reference {bad + 1} has final answer {final_answer(references[bad])!r}, not a "
+            f"reference {bad + 1} has final answer {final_answer(answers[bad])!r}, not a "
             "number; strict accuracy needs numbers (use the 'contains' rule or acc=0)"
+        )
+    if weights["prob"] > 0 and (answer_probs is None or len(answer_probs) != len(predictions)):
+        raise ConfigError(
+            "the U† weight prob needs the answer probability of every item, which only a model "
+            "gives; set prob=0 to score texts alone"
         )
 
     columns: dict[str, list[float | None]] = {name: [None] * len(predictions) for name in METRICS}
+    items = list(zip(predictions, references, answers, finished, strict=True))
     if weights["acc"] > 0:
-        columns["accuracy"] = [accuracy(p, r) for p, r in zip(predictions, references, strict=True)]
+        columns["accuracy"] = [accuracy(p, a, f) for p, _, a, f in items]
     if weights["lex"] > 0:
-        columns["lexical"] = [
-            lexical_metric(p, r) for p, r in zip(predictions, references, strict=True)
-        ]
+        columns["lexical"] = [lexical_metric(p, r) for p, r, _, _ in items]
     if weights["sem"] > 0:
         scorer = semantic_scorer if semantic_scorer is not None else SemanticScorer()
         columns["semantic"] = scorer.similarity(
             [clean_text(p) for p in predictions], [clean_text(r) for r in references]
         )
+    if weights["prob"] > 0:
+        # NaN: the answer did not fit the teacher-forced length; the item has no such term
+        columns["answer_prob"] = [float(v) if math.isfinite(v) else None for v in answer_probs]
 
     per_item = []
-    for i, (prediction, reference) in enumerate(zip(predictions, references, strict=True)):
+    for i, (prediction, _, answer, done) in enumerate(items):
         item = {name: columns[name][i] for name in METRICS}
         item["u_dagger"] = sum(
             weights[_WEIGHT_OF[name]] * value for name, value in item.items() if value is not None
         )
-        item["accuracy_strict"] = strict_accuracy(prediction, reference) if numeric[i] else None
-        item["accuracy_contains"] = contains_accuracy(prediction, reference)
+        item["accuracy_strict"] = strict_accuracy(prediction, answer, done) if numeric[i] else None
+        item["accuracy_flexible"] = flexible_accuracy(prediction, answer) if numeric[i] else None
+        item["accuracy_contains"] = contains_accuracy(prediction, answer)
         per_item.append(item)
     return ScoreResult(per_item=per_item, aggregate=_aggregate(per_item))
 
@@ -131,12 +156,15 @@ def _choose(table: dict, name: str, kind: str):
     return table[name]
 
 
-def _check_inputs(predictions: list[str], references: list[str]) -> None:
-    if len(predictions) != len(references):
-        raise DataError(
-            f"got {len(predictions)} predictions but {len(references)} references; "
-            "give one reference per prediction"
-        )
+def _check_inputs(
+    predictions: list[str], references: list[str], answers: list[str], finished: list[bool]
+) -> None:
+    for name, values in (("references", references), ("answers", answers), ("flags", finished)):
+        if len(values) != len(predictions):
+            raise DataError(
+                f"got {len(predictions)} predictions but {len(values)} {name}; "
+                "give one per prediction"
+            )
     if not predictions:
         raise DataError("nothing to score: no predictions given")
 

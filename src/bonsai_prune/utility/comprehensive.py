@@ -1,116 +1,132 @@
 """U†, the comprehensive metric, as a Bonsai utility (DESIGN.md section 3).
 
-Each sub-model greedily writes ``gen_tokens`` new tokens for every calibration question;
-U† = sum_i a_i * M_i over accuracy, lexical and semantic similarity, in [0, 100].
+Each sub-model greedily writes a solution to every calibration question, at most
+``gen_tokens`` tokens, each row stopping after the line that states its answer (``stop``);
+U† = sum_i a_i * M_i, in [0, 100], combined by ``scoring.score_texts`` (the one combiner, which
+``score`` and ``evaluate`` use too). What each metric compares with:
 
-What the short generation is compared with: accuracy looks for the reference *final answer*
-(a sub-model that answers within the budget deserves it); lexical and semantic similarity
-compare with the reference solution's *prefix of the same number of tokens*. Twenty tokens
-cannot reproduce a whole worked solution, so against the full reference every sub-model
-scores low and alike (length dominates); against the prefix the score says whether the model
-starts down the reference's line of reasoning, which is what separates good sub-models from
-broken ones. The prefixes are fixed per round, so their embeddings are computed once.
+- ``acc``: the gold final answer (strict: stated after a marker or at the end of a finished
+  solution; flexible: the last number; contains: the original study's rule);
+- ``prob``: the teacher-forced probability of the gold final answer after the question and
+  the gold reasoning, per answer token: continuous, so a damaged model loses it gradually;
+- ``lex``, ``sem``: the reference of ``reference`` (``self``, ``gold`` or ``gold_prefix``, see
+  ``references.py``).
+
+The original study's setting is ``original_study_config()``: weights 38/38/24, the "contains"
+rule, SQuAD token F1, 20 tokens against the reference's 20-token prefix, no answer stop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 
 from bonsai_prune.config import UtilityConfig
-from bonsai_prune.core.metrics import ACCURACY_RULES, LEXICAL_METRICS
 from bonsai_prune.data.calibration import CalibrationBatch
-from bonsai_prune.utility.base import UTILITIES
+from bonsai_prune.utility.base import UTILITIES, answer_probability
+from bonsai_prune.utility.combine import score_texts
+from bonsai_prune.utility.generation import Generated, generate_greedy
+from bonsai_prune.utility.references import gold_texts, prefix_text, self_reference_texts
 from bonsai_prune.utility.semantic import SemanticScorer
 
 
-@torch.no_grad()
-def generate_greedy(
-    model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
-) -> list[str]:
-    """Greedy continuations of left-padded prompts (new text only, stops at end-of-sequence)."""
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=tokenizer.pad_token_id,
+def original_study_config() -> UtilityConfig:
+    """The original U† study's best setting, to reproduce and compare with (DESIGN.md §3)."""
+    return UtilityConfig(
+        name="comprehensive",
+        weights={"acc": 38, "lex": 38, "sem": 24},
+        accuracy="contains",
+        lexical="token_f1",
+        gen_tokens=20,
+        reference="gold_prefix",
+        stop="none",
     )
-    new_tokens = output[:, input_ids.shape[1] :]  # (n, <= max_new_tokens)
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-
-
-def reference_prefixes(batch: CalibrationBatch, n_tokens: int) -> list[str]:
-    """The first ``n_tokens`` tokens of each reference solution, as text."""
-    from bonsai_prune.data.prompts import worked_solution
-
-    tokenizer = batch.tokenizer
-    prefixes = []
-    for problem in batch.problems:
-        ids = tokenizer(worked_solution(problem), add_special_tokens=False)["input_ids"]
-        prefixes.append(tokenizer.decode(ids[:n_tokens], skip_special_tokens=True))
-    return prefixes
 
 
 @UTILITIES.register("comprehensive")
 class ComprehensiveUtility:
-    """U† of a sub-model's short greedy solutions against the references."""
+    """U† of a sub-model's greedy solutions against the references."""
 
     def __init__(self, config: UtilityConfig | None = None) -> None:
         self.config = config or UtilityConfig(name="comprehensive")
         # The embedding model is not loaded at all when the semantic weight is 0.
         self.semantic = SemanticScorer() if self.config.weights.get("sem", 0) > 0 else None
-        # The batch itself is held, not its id(): a freed batch's id can be reused by the next
-        # round's batch, which would then be scored against the previous round's references.
-        self._cached: tuple[CalibrationBatch, tuple[list[str], list[str]]] | None = None
+        self.self_references: dict[str, str] = {}  # problem key -> the dense parent's solution
 
-    def references(self, batch: CalibrationBatch) -> tuple[list[str], list[str]]:
-        """(full answers for accuracy, same-length prefixes for similarity), once per batch."""
-        if self._cached is None or self._cached[0] is not batch:
-            answers = [p.answer for p in batch.problems]
-            self._cached = (batch, (answers, reference_prefixes(batch, self.config.gen_tokens)))
-        return self._cached[1]
+    def use_self_references(self, references: Mapping[str, str]) -> None:
+        """Install the dense parent's solutions (see ``references.prepare_self_references``)."""
+        self.self_references = dict(references)
 
     def __call__(self, model, batch: CalibrationBatch) -> float:
-        outputs = generate_greedy(
-            model,
-            batch.tokenizer,
-            batch.prompt_ids,
-            batch.prompt_attention_mask,
-            self.config.gen_tokens,
-        )
-        answers, prefixes = self.references(batch)
-        return self.score(outputs, answers, prefixes)
+        generated = self._generate(model, batch, 1)
+        probs = answer_probability(model, batch) if self.config.weights["prob"] > 0 else None
+        return self.score_generated(batch, generated, probs)
 
     def score_masks(
         self, model, batch: CalibrationBatch, masks: torch.Tensor, apply_masks: Callable
     ) -> list[float]:
         """U† of several sub-models (G, U) in one batched generation.
 
-        Each prompt is repeated once per mask and every row runs its own sub-model: at 20 new
-        tokens the decode steps are overhead-bound, so G masks cost far less than G calls.
+        Each prompt is repeated once per mask and every row runs its own sub-model: the decode
+        steps are overhead-bound, so G masks cost far less than G calls.
         """
         n, groups = len(batch.problems), masks.shape[0]
-        ids = batch.prompt_ids.repeat(groups, 1)  # (G*n, P)
-        attention = batch.prompt_attention_mask.repeat(groups, 1)
         with apply_masks(masks.repeat_interleave(n, dim=0)):  # (G*n, U): row i uses mask i // n
-            outputs = generate_greedy(
-                model, batch.tokenizer, ids, attention, self.config.gen_tokens
-            )
-        answers, prefixes = self.references(batch)
-        return [self.score(outputs[g * n : (g + 1) * n], answers, prefixes) for g in range(groups)]
+            generated = self._generate(model, batch, groups)
+            probs = None
+            if self.config.weights["prob"] > 0:
+                probs = answer_probability(model, batch, repeats=groups)  # (G*n,)
+        scores = []
+        for g in range(groups):
+            rows = slice(g * n, (g + 1) * n)
+            part = Generated(*(field[rows] for field in _fields(generated)))
+            scores.append(self.score_generated(batch, part, None if probs is None else probs[rows]))
+        return scores
 
-    def score(self, outputs: list[str], answers: list[str], prefixes: list[str]) -> float:
-        """U† in [0, 100]: accuracy against the final answers, similarity against the prefixes."""
-        weights, n = self.config.weights, len(outputs)
-        total = 0.0
-        if weights["acc"] > 0:
-            rule = ACCURACY_RULES[self.config.accuracy]
-            total += weights["acc"] * sum(map(rule, outputs, answers)) / n
-        if weights["lex"] > 0:
-            lexical = LEXICAL_METRICS[self.config.lexical]
-            total += weights["lex"] * sum(map(lexical, outputs, prefixes)) / n
-        if weights["sem"] > 0:
-            total += weights["sem"] * sum(self.semantic.similarity(outputs, prefixes)) / n
-        return total
+    def _generate(self, model, batch: CalibrationBatch, groups: int) -> Generated:
+        return generate_greedy(
+            model,
+            batch.tokenizer,
+            batch.prompt_ids.repeat(groups, 1),  # (G*n, P)
+            batch.prompt_attention_mask.repeat(groups, 1),
+            self.config.gen_tokens,
+            self.config.stop,
+        )
+
+    def references(self, batch: CalibrationBatch, generated: Generated) -> list[str]:
+        """What lexical and semantic similarity compare each generation with."""
+        kind = self.config.reference
+        if kind == "self":
+            return self_reference_texts(self.self_references, batch.problems)
+        if kind == "gold":
+            return gold_texts(
+                batch.tokenizer, batch.problems, generated.n_tokens, generated.finished
+            )
+        from bonsai_prune.data.prompts import worked_solution
+
+        return [
+            prefix_text(batch.tokenizer, worked_solution(p), self.config.gen_tokens)
+            for p in batch.problems
+        ]
+
+    def score_generated(
+        self, batch: CalibrationBatch, generated: Generated, probs: torch.Tensor | None
+    ) -> float:
+        """U† in [0, 100] of one sub-model's generations (n rows) on the batch's problems."""
+        result = score_texts(
+            generated.texts,
+            self.references(batch, generated),
+            self.config.weights,
+            answers=[p.answer for p in batch.problems],
+            finished=generated.finished,
+            answer_probs=None if probs is None else probs.tolist(),
+            accuracy_rule=self.config.accuracy,
+            lexical=self.config.lexical,
+            semantic_scorer=self.semantic,
+        )
+        return float(result.aggregate["u_dagger"])
+
+
+def _fields(generated: Generated) -> tuple[list, ...]:
+    return (generated.texts, generated.token_ids, generated.n_tokens, generated.finished)

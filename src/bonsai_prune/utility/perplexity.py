@@ -22,6 +22,6 @@ class PerplexityUtility:
         self.config = config
 
     def __call__(self, model, batch: CalibrationBatch) -> float:
-        nll = solution_nll(model, batch)  # (n,)
-        value = -float(nll.mean())
+        nll = solution_nll(model, batch)  # (n,) NaN where nothing could be scored
+        value = -float(nll.nanmean())
         return value if math.isfinite(value) else float("nan")
