@@ -194,3 +194,22 @@ def test_a_ray_worker_killed_mid_round_is_re_run_elsewhere(tokenizer, ray_cluste
         WorkersConfig(workers=2, ray="auto"),
         lambda backend, worker: ray_cluster.kill(backend.handle(worker)),
     )
+
+
+def test_gsm8k_generation_on_workers_gives_the_serial_texts(tokenizer):
+    from bonsai_prune.distributed.evaluate import generate_on_workers
+    from bonsai_prune.eval.gsm8k import first_problems, generate_solutions
+
+    model = tiny_llama_for(tokenizer)
+    prompts = [p.question for p in first_problems("test", 5)]
+    serial = generate_solutions(
+        model, tokenizer, prompts, max_new_tokens=6, batch_size=2, progress=False
+    )
+    pool = open_pool(WorkersConfig(workers=2), model)
+    try:
+        spread = generate_on_workers(
+            pool, generate_solutions, tokenizer, prompts, max_new_tokens=6, batch_size=2
+        )
+    finally:
+        pool.close()
+    assert spread.texts == serial.texts and spread.n_new_tokens == serial.n_new_tokens

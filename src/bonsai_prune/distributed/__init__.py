@@ -31,7 +31,7 @@ from bonsai_prune.distributed.pool import (
 )
 from bonsai_prune.errors import ConfigError
 
-__all__ = ["EvaluatorPool", "evaluator_pool", "open_pool"]
+__all__ = ["EvaluatorPool", "evaluator_pool", "open_pool"]  # evaluate.generate_on_workers
 
 
 @contextmanager
@@ -57,11 +57,21 @@ def evaluator_pool(
 
 
 def open_pool(
-    config: WorkersConfig, model, keeps: list[torch.Tensor], utility, serial: Callable
+    config: WorkersConfig,
+    model,
+    keeps: list[torch.Tensor] | None = None,
+    utility=None,
+    serial: Callable | None = None,
 ) -> EvaluatorPool:
-    """Start the workers of ``config``; each builds a replica of ``model`` (the caller closes)."""
+    """Start the workers of ``config``; each builds a replica of ``model`` (the caller closes).
+
+    Without ``utility`` and ``serial`` the pool only runs calls (``EvaluatorPool.map``), e.g.
+    ``distributed.evaluate.generate_on_workers`` for a GSM8K evaluation.
+    """
+    keeps = [] if keeps is None else keeps
     cuda = next(model.parameters()).device.type == "cuda"
-    spec = ReplicaSpec(None, utility_recipe(utility), serial)
+    recipe = utility_recipe(utility) if utility is not None else None
+    spec = ReplicaSpec(None, recipe, serial)
     if config.ray is not None:
         from bonsai_prune.distributed.ray_pool import RayBackend, connect, import_ray
 

@@ -32,10 +32,9 @@ def _worker_main(conn: Connection, spec: ReplicaSpec, device: str, n_threads: in
             kind, *args = message
             if kind == "state":
                 replica.sync(args[0])
-            else:  # "chunk"
-                task, masks, masks_per_forward = args
-                scores = replica.score(masks, masks_per_forward)
-                conn.send_bytes(pickle.dumps(("done", task, scores)))
+            else:  # "job"
+                task, job = args
+                conn.send_bytes(pickle.dumps(("done", task, replica.run(job))))
     except (EOFError, KeyboardInterrupt):
         return  # the driver went away
     except BaseException:  # reported to the driver, which raises it: not a fault to re-run
@@ -90,14 +89,14 @@ class LocalBackend:
     def pid(self, worker: int) -> int:
         return self.workers[worker].process.pid
 
-    def submit(self, worker: int, task: int, state: RoundState, masks, masks_per_forward) -> None:
+    def submit(self, worker: int, task: int, state: RoundState | None, job: tuple) -> None:
         record = self.workers[worker]
         try:
-            if record.version != state.version:
+            if state is not None and record.version != state.version:
                 sent = state if not record.has_tokenizer else replace(state, tokenizer=None)
                 record.conn.send_bytes(pickle.dumps(("state", sent)))
                 record.version, record.has_tokenizer = state.version, True
-            record.conn.send_bytes(pickle.dumps(("chunk", task, masks, masks_per_forward)))
+            record.conn.send_bytes(pickle.dumps(("job", task, job)))
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # dead: wait() reports it through the sentinel, and its chunks are re-run
 

@@ -18,7 +18,6 @@ is computed by the same kernels on the same shapes. Scores come back in mask ord
 from __future__ import annotations
 
 import io
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -93,8 +92,8 @@ class ReplicaSpec:
     """How a worker builds its replica; picklable (functions travel by name)."""
 
     build_model: Callable[[], Any]  # -> the model before any of the run's keep masks
-    build_utility: Callable[[], Any]  # -> the run's utility
-    score: Callable  # the method's serial scorer, ``methods.forward.score_masks``
+    build_utility: Callable[[], Any] | None = None  # -> the run's utility (scoring pools)
+    score: Callable | None = None  # the method's serial scorer, ``methods.forward.score_masks``
 
 
 @dataclass
@@ -120,7 +119,7 @@ class Replica:
         self.device = torch.device(device)
         self.model = spec.build_model().to(self.device).eval()
         self.adapter = adapter_for(self.model)
-        self.utility = spec.build_utility()
+        self.utility = spec.build_utility() if spec.build_utility is not None else None
         self.score_fn = spec.score
         self.n_applied = 0  # keep masks of rounds replayed so far
         self.tokenizer = None
@@ -150,6 +149,16 @@ class Replica:
             self.adapter, self.model, self.utility, self.batch, masks, masks_per_forward, False
         )
 
+    def run(self, job: tuple):
+        """The result of one job: ``("score", masks, masks_per_forward)`` -> scores (G,), or
+        ``("call", fn, args)`` -> ``fn(model, *args)``."""
+        kind, *args = job
+        if kind == "score":
+            return self.score(*args)
+        fn, fn_args = args
+        with torch.no_grad():
+            return fn(self.model, *fn_args)
+
 
 # ---- chunks ----------------------------------------------------------------------------------
 
@@ -171,7 +180,7 @@ def chunk_bounds(n_masks: int, group: int) -> list[tuple[int, int]]:
 class Done:
     worker: int
     task: int
-    scores: torch.Tensor
+    result: Any
 
 
 @dataclass
@@ -187,9 +196,7 @@ class Backend(Protocol):
 
     def start_missing(self) -> int: ...  # start workers up to the pool size; how many started
 
-    def submit(
-        self, worker: int, task: int, state: RoundState, masks: torch.Tensor, masks_per_forward: int
-    ) -> None: ...
+    def submit(self, worker: int, task: int, state: RoundState | None, job: tuple) -> None: ...
 
     def wait(self) -> Iterable[Done | Died]: ...  # blocks until at least one event
 
@@ -205,36 +212,34 @@ class PoolStats:
     seconds: list[float] = field(default_factory=list)  # scoring wall time per round
 
 
-def run_chunks(
+def run_jobs(
     backend: Backend,
-    state: RoundState,
-    masks: torch.Tensor,
-    bounds: list[tuple[int, int]],
-    masks_per_forward: int,
+    state: RoundState | None,
+    jobs: list[tuple],
     stats: PoolStats,
     max_restarts: int,
-    on_chunk: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """Scores (N,) of ``masks`` (N, U), chunk by chunk over the pool's workers, in mask order.
+    on_done: Callable[[int, int], None] | None = None,
+) -> list:
+    """The result of each job, in job order, computed over the pool's workers.
 
-    A worker that dies loses nothing: its chunks go back to the queue and run on another
+    A job is ``("score", masks (G, U), masks_per_forward)`` or ``("call", fn, args)``
+    (``fn(model, *args)`` on the replica); ``state`` is synced to a worker before its first job.
+    A worker that dies loses nothing: its jobs go back to the queue and run on another
     worker. If every worker is gone, they are started again (at most ``max_restarts`` in all).
-    on_chunk(n_done_masks, worker): called after each chunk (progress, tests).
+    on_done(task, worker): called after each job (progress, tests).
     """
-    scores = torch.full((masks.shape[0],), math.nan, dtype=torch.float64)
-    pending = deque(range(len(bounds)))
+    results: list = [None] * len(jobs)
+    pending = deque(range(len(jobs)))
     assigned: dict[int, list[int]] = {}
     done: set[int] = set()
-    n_done = 0
-    while len(done) < len(bounds):
+    while len(done) < len(jobs):
         if not backend.live():
             _restart(backend, stats, max_restarts)
         for worker in backend.live():
             queue = assigned.setdefault(worker, [])
             while pending and len(queue) < IN_FLIGHT:
                 task = pending.popleft()
-                start, stop = bounds[task]
-                backend.submit(worker, task, state, masks[start:stop], masks_per_forward)
+                backend.submit(worker, task, state, jobs[task])
                 queue.append(task)
         for event in backend.wait():
             if isinstance(event, Died):
@@ -246,13 +251,11 @@ def run_chunks(
             assigned.get(event.worker, []).remove(event.task)
             if event.task in done:
                 continue
-            start, stop = bounds[event.task]
-            scores[start:stop] = event.scores
+            results[event.task] = event.result
             done.add(event.task)
-            n_done += stop - start
-            if on_chunk is not None:
-                on_chunk(n_done, event.worker)
-    return scores
+            if on_done is not None:
+                on_done(event.task, event.worker)
+    return results
 
 
 def _restart(backend: Backend, stats: PoolStats, max_restarts: int) -> None:
@@ -283,7 +286,7 @@ class EvaluatorPool:
         self.stats = PoolStats(n_workers)
         self.max_restarts = n_workers if max_restarts is None else max_restarts
         self.version = 0
-        self.on_chunk: Callable[[int, int], None] | None = None  # tests: faults mid-round
+        self.on_chunk: Callable[[int, int], None] | None = None  # (task, worker): tests
 
     def score_masks(
         self,
@@ -299,7 +302,7 @@ class EvaluatorPool:
         started = time.perf_counter()
         if len(self.backend.live()) < self.stats.n_workers and self.version > 0:
             self.stats.n_restarts += self.backend.start_missing()  # top up between rounds
-        self.version += 1
+        self.version += 1  # a new round state: each worker syncs to it before its first chunk
         state = RoundState(
             self.version,
             list(self.keeps),
@@ -309,28 +312,39 @@ class EvaluatorPool:
             batch.tokenizer,
         )
         bounds = chunk_bounds(masks.shape[0], group_size(utility, masks_per_forward))
-        with tqdm(
-            total=masks.shape[0], desc="  sub-models", leave=False, disable=not progress
-        ) as bar:
+        jobs = [("score", masks[a:b], masks_per_forward) for a, b in bounds]
+        sizes = [b - a for a, b in bounds]
+        results = self.run(jobs, state, sizes, "  sub-models", progress)
+        self.stats.seconds.append(time.perf_counter() - started)
+        return torch.cat(results) if results else torch.empty(0, dtype=torch.float64)
 
-            def on_chunk(n_done: int, worker: int) -> None:
-                bar.update(n_done - bar.n)
+    def map(
+        self, fn: Callable, args: list[tuple], sizes: list[int], desc: str, progress: bool = True
+    ) -> list:
+        """``[fn(model, *a) for a in args]`` on the workers' replicas, in order.
+
+        fn: a picklable function (module level); sizes: items per call, for the progress bar.
+        """
+        return self.run([("call", fn, a) for a in args], None, sizes, desc, progress)
+
+    def run(
+        self,
+        jobs: list[tuple],
+        state: RoundState | None,
+        sizes: list[int],
+        desc: str,
+        progress: bool,
+    ) -> list:
+        """Run ``jobs`` over the pool with a progress bar of items done across the workers."""
+        with tqdm(total=sum(sizes), desc=desc, leave=False, disable=not progress) as bar:
+
+            def on_done(task: int, worker: int) -> None:
+                bar.update(sizes[task])
                 bar.set_postfix(workers=len(self.backend.live()))
                 if self.on_chunk is not None:
-                    self.on_chunk(n_done, worker)
+                    self.on_chunk(task, worker)
 
-            scores = run_chunks(
-                self.backend,
-                state,
-                masks,
-                bounds,
-                masks_per_forward,
-                self.stats,
-                self.max_restarts,
-                on_chunk,
-            )
-        self.stats.seconds.append(time.perf_counter() - started)
-        return scores
+            return run_jobs(self.backend, state, jobs, self.stats, self.max_restarts, on_done)
 
     def close(self) -> None:
         self.backend.close()

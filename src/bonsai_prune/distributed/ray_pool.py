@@ -48,8 +48,8 @@ class ReplicaActor:
     def sync(self, state: RoundState) -> None:
         self.replica.sync(state)
 
-    def score(self, masks, masks_per_forward: int):
-        return self.replica.score(masks, masks_per_forward)
+    def run(self, job: tuple):
+        return self.replica.run(job)
 
 
 @dataclass
@@ -116,13 +116,13 @@ class RayBackend:
     def handle(self, worker: int):
         return self.actors[worker].handle
 
-    def submit(self, worker: int, task: int, state: RoundState, masks, masks_per_forward) -> None:
+    def submit(self, worker: int, task: int, state: RoundState | None, job: tuple) -> None:
         actor = self.actors[worker]
-        if actor.version != state.version:
+        if state is not None and actor.version != state.version:
             sent = state if not actor.has_tokenizer else replace(state, tokenizer=None)
-            actor.handle.sync.remote(sent)  # errors surface in the next score call
+            actor.handle.sync.remote(sent)  # errors surface in the next job
             actor.version, actor.has_tokenizer = state.version, True
-        ref = actor.handle.score.remote(masks, masks_per_forward)
+        ref = actor.handle.run.remote(job)
         self.pending[ref] = (worker, task)
 
     def wait(self):
