@@ -21,7 +21,7 @@ from bonsai_prune.data.calibration import batch_maker
 from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.distributed import open_pool
 from bonsai_prune.distributed.pool import chunk_bounds
-from bonsai_prune.errors import ConfigError
+from bonsai_prune.errors import ConfigError, PruningError
 from bonsai_prune.methods.forward import score_masks
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.utility import resolve_utility
@@ -213,3 +213,21 @@ def test_gsm8k_generation_on_workers_gives_the_serial_texts(tokenizer):
     finally:
         pool.close()
     assert spread.texts == serial.texts and spread.n_new_tokens == serial.n_new_tokens
+
+
+class BrokenUtility:
+    """A utility that fails on every sub-model (module level: it pickles to the workers)."""
+
+    def __call__(self, model, batch):
+        raise ValueError("broken utility")
+
+
+def test_an_error_inside_a_worker_is_raised_not_re_run(tokenizer):
+    model, adapter, batch, _, masks = _round_inputs(tokenizer)
+    pool = open_pool(WorkersConfig(workers=2), model, [], BrokenUtility(), score_masks)
+    try:
+        with pytest.raises(PruningError, match="broken utility"):
+            pool.score_masks(adapter, model, BrokenUtility(), batch, masks, 8, False)
+        assert pool.stats.n_deaths == 0 and pool.stats.n_rerun == 0
+    finally:
+        pool.close()

@@ -105,22 +105,22 @@ class LocalBackend:
         for worker, record in self.workers.items():
             by_handle[record.conn] = worker
             by_handle[record.process.sentinel] = worker
-        events, dead = [], set()
+        events, dead, seen = [], set(), set()
         for handle in wait(list(by_handle), timeout=WAIT_S):
             worker = by_handle[handle]
-            if worker in dead:
+            if worker in seen:
                 continue
+            seen.add(worker)
             record = self.workers[worker]
-            if handle is record.conn:
-                try:
+            try:  # read what it sent before looking at its death: an error message comes first
+                while record.conn.poll():
                     kind, *args = pickle.loads(record.conn.recv_bytes())
-                except (EOFError, OSError):
-                    dead.add(worker)
-                    continue
-                if kind == "error":
-                    raise PruningError(f"worker {self.slots[worker]} failed:\n{args[0]}")
-                events.append(Done(worker, args[0], args[1]))
-            elif not record.process.is_alive():
+                    if kind == "error":
+                        raise PruningError(f"worker {self.slots[worker]} failed:\n{args[0]}")
+                    events.append(Done(worker, args[0], args[1]))
+            except (EOFError, OSError):
+                dead.add(worker)
+            if not record.process.is_alive():
                 dead.add(worker)
         for worker in dead:
             record = self.workers.pop(worker)
