@@ -66,12 +66,18 @@ def connect(address: str, ray=None) -> None:
         return
     env = {"PYTHONPATH": os.environ["PYTHONPATH"]} if os.environ.get("PYTHONPATH") else {}
     runtime_env = {"env_vars": env} if env else None
-    ray.init(
-        address=None if address == "local" else address,
-        runtime_env=runtime_env,
-        log_to_driver=False,
-        include_dashboard=False,
-    )
+    try:
+        ray.init(
+            address=None if address == "local" else address,
+            runtime_env=runtime_env,
+            log_to_driver=False,
+            include_dashboard=False,
+        )
+    except ConnectionError as error:
+        raise ConfigError(
+            f"--ray {address}: no Ray cluster answers there ({error}); start one with "
+            "'ray start --head', or use --ray local"
+        ) from None
 
 
 class RayBackend:
