@@ -58,3 +58,25 @@ def default_model_dir():
     from bonsai_prune.models.loading import dequantised_default
 
     return dequantised_default()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """:func:`tiny_llama_for` the real tokenizer, saved as a model folder (loads in ~1 s)."""
+    folder = tmp_path_factory.mktemp("tiny_model") / "model"
+    tiny_llama_for(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A JSONL data file of the first 4 GSM8K train problems."""
+    import json
+
+    from bonsai_prune.data.problems import load_gsm8k
+
+    path = tmp_path_factory.mktemp("data") / "small.jsonl"
+    rows = [{"question": p.question, "answer": p.answer} for p in load_gsm8k("train")[:4]]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path

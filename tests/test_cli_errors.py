@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_llama
 
 from bonsai_prune.cli import main
+from bonsai_prune.models import ADAPTERS
 
 PRUNE = ["prune", "--quiet", "--masks-per-round", "2", "--calib-samples", "1"]
 
@@ -65,7 +66,7 @@ CASES = {
     "unreachable hub id": (["--model", "nobody/no-such-model-xyz"], "cannot reach model"),
     "unsupported architecture": (
         ["--model", "{root}/gpt2"],
-        "'gpt2' is not supported yet; supported: llama",
+        f"'gpt2' is not supported yet; supported: {', '.join(ADAPTERS.names())}",
     ),
     "missing data file": (["--data", "{root}/nope.jsonl"], "does not exist"),
     "empty data file": (["--data", "{root}/empty.jsonl"], "holds no problems"),

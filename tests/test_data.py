@@ -19,7 +19,7 @@ def test_packaged_gsm8k_has_both_splits():
     ("content", "message"),
     [
         ("", "holds no problems"),
-        ('{"question": "q", "answer": "a"}\n{not json\n', "line 2 is not valid JSON"),
+        ('{"question": "q", "answer": "a #### 1"}\n{not json\n', "line 2 is not valid JSON"),
         ('{"question": "q"}\n', "line 1 lacks a non-empty string field 'answer'"),
         ("[1, 2]\n", "line 1 is not a JSON object"),
     ],

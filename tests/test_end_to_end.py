@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,12 @@ def test_cli_prunes_with_u_dagger(tmp_path, default_model_dir):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sparsity reached" in done.stdout
+    # the closing check: held-out perplexity and decode speed, dense -> pruned, measured
+    check = re.search(r"reference perplexity: dense ([\d.]+) -> pruned ([\d.]+)", done.stdout)
+    assert check, done.stdout
+    assert 1.0 < float(check.group(1)) < float(check.group(2)) < 100  # pruning costs a little
+    assert re.search(r"decode: dense [\d.]+ -> pruned [\d.]+ tokens/s", done.stdout)
+    assert f"bonsai-prune evaluate --model {out}" in done.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["config"]["utility"]["name"] == "comprehensive"
     assert 0 <= report["rounds"][0]["utility_before"] <= 100

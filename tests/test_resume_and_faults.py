@@ -21,6 +21,7 @@ from bonsai_prune.utility.perplexity import PerplexityUtility
 ARGS = [
     "prune",
     "--quiet",
+    "--no-check",
     "--sparsity",
     "0.12",
     "--prune-frac",

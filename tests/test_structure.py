@@ -23,7 +23,8 @@ def _ancestors(name: str) -> list[str]:
 
 
 def import_graph() -> dict[str, set[str]]:
-    """Module -> package modules it imports, at any depth of its code (function bodies too).
+    """Module -> package modules it imports, at any depth of its code (function bodies too,
+    not ``if TYPE_CHECKING:`` blocks, which never run).
 
     Importing ``a.b.c`` runs ``a`` and ``a.b`` first, so those count as imported too, except
     the importer's own ancestors, which Python has always imported before the importer runs.
@@ -34,7 +35,16 @@ def import_graph() -> dict[str, set[str]]:
         is_package = path.name == "__init__.py"
         base = name.split(".") if is_package else name.split(".")[:-1]
         targets: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        type_only = {  # ``if TYPE_CHECKING:`` blocks never run
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+            for inner in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
             if isinstance(node, ast.ImportFrom):
                 if node.level:
                     anchor = base[: len(base) - node.level + 1]

@@ -7,6 +7,7 @@ The CLI's ``prune`` command is this function with its arguments parsed.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 from collections.abc import Callable
@@ -24,10 +25,10 @@ from bonsai_prune.methods import METHODS
 from bonsai_prune.methods.base import PruneContext
 from bonsai_prune.models import load_model
 from bonsai_prune.models.adapter import check_supported
-from bonsai_prune.models.loading import model_type_of
+from bonsai_prune.models.loading import DTYPES, fast_dtype, model_type_of
 from bonsai_prune.models.pruned import save_model
 from bonsai_prune.rundir import run as rundir
-from bonsai_prune.rundir.files import atomic_save_tensors, atomic_write_json
+from bonsai_prune.rundir.files import atomic_save_tensors, atomic_write_json, interrupts_deferred
 from bonsai_prune.utility import UTILITIES, resolve_utility
 
 
@@ -101,6 +102,39 @@ def prune(
             f"--resume applies to iterative methods; {config.method!r} is one-shot: "
             "rerun it with --overwrite"
         )
+    with rundir.locked(out) if out is not None else contextlib.nullcontext():
+        return _run(
+            config,
+            method,
+            pool,
+            score,
+            out,
+            model=model,
+            tokenizer=tokenizer,
+            progress=progress,
+            resume=resume,
+            overwrite=overwrite,
+            started=started,
+            workers=workers,
+        )
+
+
+def _run(
+    config,
+    method,
+    pool,
+    score,
+    out,
+    *,
+    model,
+    tokenizer,
+    progress,
+    resume,
+    overwrite,
+    started,
+    workers=None,
+):
+    """The run proper, holding the run directory (if any)."""
     done = rundir.prepare_out_dir(out, config, resume=resume, overwrite=overwrite) if out else 0
     completed = [_saved_round(out, index) for index in range(1, done + 1)] if out else []
 
@@ -109,7 +143,9 @@ def prune(
         model_type = model_type_of(config.model)
         if model_type is not None:
             check_supported(model_type)  # before spending time on loading the weights
-        model, tokenizer = load_model(config.model, dtype=config.dtype, device=config.device)
+        model, tokenizer = load_model(
+            config.model, dtype=_run_dtype(config, out, resume), device=config.device
+        )
     load_s = time.perf_counter() - t0
     context = PruneContext.create(
         model,
@@ -135,14 +171,16 @@ def prune(
         "method": config.method,
         "resumed_after_round": done if resume else None,
         "rounds": [figures for _, figures in completed],
+        **_dtype_and_device(model),
     }
 
     def save_round(result) -> None:
         report["rounds"].append(result.figures())
         if out is not None:
-            _start_run_files(out, config, report)
-            rundir.save_round(out, result.index, result.tensors(), result.figures())
-            atomic_write_json(out / "report.json", report)
+            with interrupts_deferred():  # Ctrl-C stops between rounds, never inside one's files
+                _start_run_files(out, config, report)
+                rundir.save_round(out, result.index, result.tensors(), result.figures())
+                atomic_write_json(out / "report.json", report, fault="report")
 
     context.on_round = save_round
     result = method(context)
@@ -169,20 +207,42 @@ def prune(
             "structure": adapter.structure(model),
         }
     )
-    if out is not None:
-        _start_run_files(out, config, report)
-        save_model(out, model, tokenizer, adapter.structure(model))
     report["complete"] = True
     if out is not None:
-        atomic_write_json(out / "report.json", report)
+        with interrupts_deferred():
+            _start_run_files(out, config, {**report, "complete": False})
+            save_model(out, model, tokenizer, adapter.structure(model))
+            atomic_write_json(out / "report.json", report, fault="report_final")
     return PruneResult(model, tokenizer, result.rounds, report, out, result.keep_masks)
+
+
+def _run_dtype(config: PruneConfig, out: Path | None, resume: bool) -> str:
+    """The dtype to load in: as asked; for ``auto``, what the resumed run used, else what this
+    machine computes fast. Recorded in report.json, so a resumed run never switches dtype."""
+    if config.dtype != "auto":
+        return config.dtype
+    if resume and out is not None:
+        recorded = rundir.recorded_dtype(out)
+        if recorded in DTYPES:
+            return recorded
+    return fast_dtype(config.device)
+
+
+def _dtype_and_device(model) -> dict[str, str]:
+    """The dtype (fp32, bf16, fp16) and device the model's parameters are actually in."""
+    parameter = next(model.parameters())
+    names = {dtype: name for name, dtype in DTYPES.items()}
+    return {
+        "dtype": names.get(parameter.dtype, str(parameter.dtype)),
+        "device": str(parameter.device),
+    }
 
 
 def _start_run_files(out: Path, config: PruneConfig, report: dict) -> None:
     """config.json and a report marked incomplete, written once the method has begun for real
     (its own checks passed), so a refused run leaves nothing to --overwrite."""
     if not (out / "config.json").is_file():
-        atomic_write_json(out / "config.json", config.to_dict())
+        atomic_write_json(out / "config.json", config.to_dict(), fault="config")
         atomic_write_json(out / "report.json", report)
 
 

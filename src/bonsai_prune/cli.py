@@ -12,8 +12,15 @@ import sys
 from pathlib import Path
 
 from bonsai_prune.cli_options import add_config_options, config_from_args
-from bonsai_prune.config import EvalConfig, PruneConfig, UtilityConfig, WorkersConfig
+from bonsai_prune.config import (
+    EvalConfig,
+    PruneConfig,
+    RecoverConfig,
+    UtilityConfig,
+    WorkersConfig,
+)
 from bonsai_prune.errors import BonsaiPruneError
+from bonsai_prune.validation import check_out_dir, check_out_file
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,7 +44,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--recover",
+        action="store_true",
+        help="then distil the pruned model from its parent into OUT/recovered (recover defaults)",
+    )
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the closing check (held-out perplexity and decode speed, dense vs pruned)",
+    )
     p.set_defaults(run=_cmd_prune)
+
+    p = commands.add_parser("recover", help="distil a pruned run from its dense parent")
+    p.add_argument("run", help="run directory of a pruned model (bonsai-prune prune --out)")
+    add_config_options(p, RecoverConfig)
+    p.add_argument("--teacher", default=None, help="the dense parent (default: the run's --model)")
+    p.add_argument("--out", required=True, help="run directory for the recovered model")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_recover)
+
+    p = commands.add_parser(
+        "export", help="write a pruned model for other runtimes: llama.cpp GGUF, lm-eval task"
+    )
+    p.add_argument("run", help="run directory or model folder")
+    p.add_argument("--format", default="gguf", choices=["gguf", "lm-eval-task"])
+    p.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="GGUF weight type")
+    p.add_argument("--out", required=True, help="the .gguf file, or the task folder")
+    p.set_defaults(run=_cmd_export)
 
     p = commands.add_parser("score", help="score predictions against references with U†")
     p.add_argument("input", help='JSONL lines of {"prediction", "reference"}')
@@ -89,6 +125,21 @@ def _cmd_prune(args) -> int:
         workers=config_from_args(WorkersConfig, args),
     )
     print(format_summary(result.report, args.out))
+    if args.recover:
+        from bonsai_prune.recover import recover
+
+        recovered = recover(
+            args.out, Path(args.out) / "recovered", RecoverConfig(), progress=not args.quiet
+        )
+        print(f"recovered model: {recovered.out_dir}")
+        result.model = recovered.model
+    if not args.no_check:
+        from bonsai_prune.eval.quick import format_check, quick_check
+        from bonsai_prune.models import load_model
+
+        dense = load_model(config.model, dtype=config.dtype, device=config.device)
+        pruned = (result.model, result.tokenizer)
+        print(format_check(quick_check({"dense": dense, "pruned": pruned}), args.out))
     return 0
 
 
@@ -115,11 +166,44 @@ def format_summary(report: dict, out: str | None) -> str:
     return "\n".join(lines)
 
 
+def _cmd_recover(args) -> int:
+    from bonsai_prune.recover import recover
+
+    result = recover(
+        args.run,
+        args.out,
+        config_from_args(RecoverConfig, args),
+        teacher=args.teacher,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(json.dumps({k: v for k, v in result.report.items() if not isinstance(v, list)}, indent=2))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    if args.format == "gguf":
+        from bonsai_prune.export.gguf_writer import export_gguf
+
+        print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype)}")
+    else:
+        from bonsai_prune.export.lmeval import lm_eval_command, write_task
+
+        folder = write_task(args.out)
+        print(
+            f"wrote the offline task to {folder}; run:\n  {' '.join(lm_eval_command(args.run, folder))}"
+        )
+    return 0
+
+
 def _cmd_score(args) -> int:
     from bonsai_prune.rundir.files import atomic_write_text
     from bonsai_prune.utility.combine import load_score_file, score_texts
 
     config = config_from_args(UtilityConfig, args)
+    if args.out:
+        check_out_file(args.out)
     predictions, references = load_score_file(args.input)
     result = score_texts(
         predictions,
@@ -139,9 +223,9 @@ def _cmd_score(args) -> int:
 def _cmd_evaluate(args) -> int:
     from bonsai_prune.eval.gsm8k import evaluate, format_summary
 
-    result = evaluate(
-        config_from_args(EvalConfig, args), out_dir=Path(args.out), progress=not args.quiet
-    )
+    config = config_from_args(EvalConfig, args)
+    check_out_dir(args.out)  # before the evaluation, not after it
+    result = evaluate(config, out_dir=Path(args.out), progress=not args.quiet)
     print(format_summary(result.summary))
     return 0
 
@@ -150,6 +234,8 @@ def _cmd_bench(args) -> int:
     from bonsai_prune.bench import BenchConfig, format_table, run_bench
     from bonsai_prune.rundir.files import atomic_write_json
 
+    if args.out:
+        check_out_file(args.out)
     result = run_bench(BenchConfig.make(args.quick, args.model), progress=not args.quiet)
     if args.out:
         atomic_write_json(Path(args.out), result)

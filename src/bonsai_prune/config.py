@@ -58,6 +58,24 @@ def _check_int(
         raise ConfigError(f"{name} must be {accepted}{' ' + hint if hint else ''}, got {value!r}")
 
 
+MAX_SEED = 2**32 - 1  # what every seeded library here (torch, numpy, random) accepts
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def _check_text(name: str, value: Any, *, optional: bool = False, hint: str = "") -> None:
+    """A non-empty string (an empty one would silently mean the default)."""
+    if optional and value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(
+            f"{name} must be a non-empty string, got {value!r}{'; ' + hint if hint else ''}"
+        )
+
+
 def _check_choices(config: Any) -> None:
     """Every field declared with ``choices`` holds one of them."""
     for f in dataclasses.fields(config):
@@ -201,10 +219,19 @@ class PruneConfig(_JsonConfig):
             raise ConfigError(f"masks per forward must be at least 1, got {self.masks_per_forward}")
         if self.calib_samples < 1:
             raise ConfigError(f"calibration samples must be at least 1, got {self.calib_samples}")
-        _check_int("seed", self.seed, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         _check_choices(self)
-        if not 0 < self.tolerance < self.sparsity:
-            raise ConfigError(f"tolerance must be in (0, sparsity), got {self.tolerance}")
+        _check_text("model", self.model, hint="give 'default', a model folder or a hub id")
+        _check_text("data", self.data, optional=True, hint="omit --data for packaged GSM8K")
+        _check_bool("allow_empty_modules", self.allow_empty_modules)
+        if (
+            isinstance(self.tolerance, bool)
+            or not isinstance(self.tolerance, (int, float))
+            or not 0 < self.tolerance < self.sparsity
+        ):
+            raise ConfigError(
+                f"tolerance must be a number in (0, sparsity={self.sparsity}), got {self.tolerance!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -249,8 +276,98 @@ class EvalConfig(_JsonConfig):
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("n_bootstrap", self.n_bootstrap, minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         _check_int("shots", self.shots, minimum=0, maximum=8)
+
+
+DATA_SOURCES = ("gold", "self", "both")  # recovery data: GSM8K train solutions, the parent's, both
+TRAINABLE = ("full", "lora")
+
+
+def _check_min(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value, *, low: float, high: float = math.inf, open_low=True) -> None:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
+    if ok:
+        ok = (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise ConfigError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class RecoverConfig(_JsonConfig):
+    """One recovery run: distillation from the dense parent on GSM8K train (never test).
+
+    Budgets are tokens, not epochs: an epoch of GSM8K train (about 1.5M tokens) takes hours
+    on 2 CPU cores (DESIGN.md section 8).
+    """
+
+    max_tokens: int = option(200_000, "training tokens (prompt + solution, no padding) consumed")
+    batch_size: int = option(8, "sequences per optimizer step")
+    max_length: int = option(384, "prompt + solution tokens kept per sequence (GSM8K fits in ~300)")
+    data: str = option(
+        "gold",
+        "gold train solutions, 'self' (the parent's greedy ones), or 'both'",
+        choices=DATA_SOURCES,
+        label="recovery data",
+    )
+    self_max_new_tokens: int = option(256, "cap on the parent's self-data solutions")
+    prompt: str = option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
+    train: str = option(
+        "full",
+        "every remaining weight (AdamW) or 'lora' (peft, merged at the end)",
+        choices=TRAINABLE,
+        label="trainable set",
+    )
+    train_embeddings: bool = option(  # the tied embedding was not pruned: leave it as the parent's
+        False, "train the (tied) embedding too"
+    )
+    lora_rank: int = option(16, "rank of the LoRA adapters (train lora)")
+    lora_alpha: float = option(32.0, "LoRA scaling alpha (train lora)")
+    lr: float = option(5e-5, "peak learning rate (AdamW, warmup then cosine)")
+    weight_decay: float = option(  # a short recovery should move weights little, not shrink them
+        0.0, "AdamW weight decay"
+    )
+    warmup_steps: int = option(10, "steps of linear learning-rate warmup")
+    min_lr_ratio: float = option(0.1, "the cosine ends at lr * this")
+    temperature: float = option(1.0, "distillation temperature (the KL is scaled by T^2)")
+    kl_weight: float = option(1.0, "weight of KL(parent || pruned) on solution tokens")
+    ce_weight: float = option(0.0, "optional cross-entropy on the gold (or self) tokens")
+    eval_every: int = option(25, "steps between held-out KL measurements (0: only at the end)")
+    n_eval: int = option(32, "GSM8K train problems kept out of training for the held-out KL")
+    checkpoint_every: int = option(25, "steps between resumable checkpoints")
+    dtype: str = option(
+        "auto",
+        "compute dtype of the forwards; the trained weights stay fp32",
+        choices=("auto", "fp32", "bf16"),
+    )
+    seed: int = option(0, "seed of the data order, held-out split and LoRA init")
+
+    def __post_init__(self) -> None:
+        _check_min("max_tokens", self.max_tokens, 1)
+        _check_min("batch_size", self.batch_size, 1)
+        _check_min("max_length", self.max_length, 16)
+        _check_min("self_max_new_tokens", self.self_max_new_tokens, 1)
+        _check_min("lora_rank", self.lora_rank, 1)
+        _check_min("warmup_steps", self.warmup_steps, 0)
+        _check_min("eval_every", self.eval_every, 0)
+        _check_min("n_eval", self.n_eval, 1)
+        _check_min("checkpoint_every", self.checkpoint_every, 1)
+        _check_min("seed", self.seed, 0)
+        _check_choices(self)
+        _check_float("lr", self.lr, low=0.0, high=1.0)
+        _check_float("lora_alpha", self.lora_alpha, low=0.0)
+        _check_float("weight_decay", self.weight_decay, low=0.0, open_low=False)
+        _check_float("min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0, open_low=False)
+        _check_float("temperature", self.temperature, low=0.0, high=100.0)
+        _check_float("kl_weight", self.kl_weight, low=0.0, open_low=False)
+        _check_float("ce_weight", self.ce_weight, low=0.0, open_low=False)
+        if self.kl_weight == 0 and self.ce_weight == 0:
+            raise ConfigError("kl_weight and ce_weight are both 0: nothing to train on")
 
 
 @dataclass(frozen=True)

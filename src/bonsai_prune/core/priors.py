@@ -13,23 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from bonsai_prune.models.adapter import (
+    UnitStats,  # re-exported: defined by the adapter contract
+)
 from bonsai_prune.registry import Registry
 
-
-@dataclass(frozen=True)
-class UnitStats:
-    """Per-unit statistics the model adapter records in one forward over calibration data.
-
-    Both are vectors over the global unit axis (all heads and neurons of the model, U long).
-    """
-
-    wanda: torch.Tensor  # (U,) sum over the unit's channels of mean|activation| x column norm
-    weight_norm: torch.Tensor  # (U,) L2 norm of all the unit's weights
-
+__all__ = ["PRIORS", "Prior", "UnitStats", "fixed_units", "units_to_remove"]
 
 Prior = Callable[[UnitStats, torch.Generator], torch.Tensor]
 PRIORS: Registry[Prior] = Registry("prior")

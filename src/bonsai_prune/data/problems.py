@@ -16,9 +16,11 @@ from importlib import resources
 from pathlib import Path
 
 from bonsai_prune.errors import DataError
+from bonsai_prune.validation import read_text_lines
 
 SPLITS = ("train", "test")
 _ANNOTATION = re.compile(r"<<[^>]*>>")
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ def final_answer(answer: str) -> str:
     return answer.rsplit("####", 1)[-1].strip() if "####" in answer else answer.strip()
 
 
+def is_numeric_answer(answer: str) -> bool:
+    """Whether a reference solution ends in ``#### <number>`` (GSM8K's form: '1,200', '-3', '$5')."""
+    if "####" not in answer:
+        return False
+    number = final_answer(answer).replace(",", "").replace("$", "").strip()
+    return _NUMBER.fullmatch(number) is not None
+
+
 def load_gsm8k(split: str = "test") -> list[Problem]:
     """Load the packaged GSM8K split ('train' 7,473 problems, 'test' 1,319)."""
     if split not in SPLITS:
@@ -59,13 +69,8 @@ def load_gsm8k(split: str = "test") -> list[Problem]:
 
 def load_problems(path: str | Path) -> list[Problem]:
     """Load a user's JSONL file of ``{"question", "answer"}`` lines, checking every line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"data file {path} does not exist; give a JSONL file of question/answer lines"
-        )
-    with path.open(encoding="utf-8") as f:
-        return _parse_lines(f, source=str(path))
+    lines = read_text_lines(path, "data file", "a JSONL file of question/answer lines")
+    return _parse_lines(lines, source=str(path))
 
 
 def json_objects(lines: Iterable[str], source: str) -> Iterator[tuple[int, dict]]:
@@ -88,6 +93,12 @@ def _parse_lines(lines, source: str) -> list[Problem]:
         for key in ("question", "answer"):
             if not isinstance(row.get(key), str) or not row[key].strip():
                 raise DataError(f"{source} line {number} lacks a non-empty string field {key!r}")
+        if not is_numeric_answer(row["answer"]):
+            got = final_answer(row["answer"])[:40] if "####" in row["answer"] else "no '####'"
+            raise DataError(
+                f"{source} line {number}: the answer has no numeric final answer after '####' "
+                f"({got!r}); end each answer with '#### <number>', e.g. '#### 42'"
+            )
         problems.append(Problem(row["question"], row["answer"]))
     if not problems:
         raise DataError(f"{source} holds no problems; give at least one question/answer line")

@@ -1,12 +1,14 @@
 """Model loading and architecture adapters (one file per family, registered in ADAPTERS)."""
 
-from bonsai_prune.models import llama  # noqa: F401  (registers the Llama adapter)
+from bonsai_prune.models import gemma2, gemma3, llama, mistral, phi3, qwen2, qwen3  # noqa: F401  (register adapters)
 from bonsai_prune.models.adapter import (
     ADAPTERS,
     HEADS,
     NEURONS,
     ArchitectureAdapter,
+    LayerStructure,
     UnitLayout,
+    UnitStats,
     adapter_for,
 )
 from bonsai_prune.models.loading import load_model
@@ -16,7 +18,9 @@ __all__ = [
     "HEADS",
     "NEURONS",
     "ArchitectureAdapter",
+    "LayerStructure",
     "UnitLayout",
+    "UnitStats",
     "adapter_for",
     "load_model",
 ]

@@ -7,7 +7,9 @@ heads of the layer and then its MLP neurons. A *keep mask* over that vector (Tru
 how every other module talks about a sub-model; only adapters know which weights a unit owns.
 
 To support a new family, write ``models/<family>.py`` with a class implementing
-:class:`ArchitectureAdapter` and decorate it with ``@ADAPTERS.register("<model_type>", ...)``.
+:class:`ArchitectureAdapter` (for a Llama-shaped decoder, subclass ``LlamaAdapter`` and override
+only what differs), decorate it with ``@ADAPTERS.register("<model_type>")``, import the module
+in ``models/__init__.py`` and add a row to tests/test_adapter_contract.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Protocol, TypedDict
 
 import torch
 
@@ -25,7 +27,11 @@ from bonsai_prune.registry import Registry
 
 HEADS, NEURONS = "heads", "neurons"
 # what ``--unit-kinds`` accepts, and the module kinds each choice prunes
-UNIT_KINDS: dict[str, tuple[str, ...]] = {"both": (HEADS, NEURONS), HEADS: (HEADS,), NEURONS: (NEURONS,)}
+UNIT_KINDS: dict[str, tuple[str, ...]] = {
+    "both": (HEADS, NEURONS),
+    HEADS: (HEADS,),
+    NEURONS: (NEURONS,),
+}
 
 
 @dataclass(frozen=True)
@@ -85,14 +91,65 @@ class UnitLayout:
             yield m, values[..., m.units]
 
 
+@dataclass(frozen=True)
+class UnitStats:
+    """Per-unit statistics the model adapter records in one forward over calibration data.
+
+    Both are vectors over the global unit axis (all heads and neurons of the model, U long).
+    They live here, not with the priors, because only an adapter knows which channels and
+    weights make up a unit; priors turn them into importance guesses.
+    """
+
+    wanda: torch.Tensor  # (U,) sum over the unit's channels of mean|activation| x column norm
+    weight_norm: torch.Tensor  # (U,) L2 norm of all the unit's weights
+
+
+class LayerStructure(TypedDict):
+    """One layer's entry in ``structure()["layers"]``: what a fresh dense model needs to take
+    the pruned shapes. Saved as JSON next to the weights (bonsai_structure.json)."""
+
+    query_heads: int  # query heads left (0: the attention sub-layer is empty)
+    kv_heads: int  # K/V heads left (those read by at least one query head)
+    kv_head_index: list[int]  # (query_heads,) the K/V head each query head reads
+    intermediate_size: int  # MLP neurons left
+
+
+class StatsCollector(Protocol):
+    """What ``collect_stats`` yields: call ``result()`` after the forwards have run."""
+
+    def result(self) -> UnitStats: ...
+
+
 class ArchitectureAdapter(Protocol):
-    """What the pruner asks of a model family. Methods take the (possibly pruned) model."""
+    """The contract of a model family: everything the pruner may ask about a model.
+
+    Outside ``models/`` no code names a weight; it talks in units (see the module docstring).
+    Methods take the (possibly already sliced) model, so every answer reflects its current
+    shapes. An adapter keeps no state between calls: pruned shapes live on the model's modules
+    and in ``structure()``.
+
+    Invariants every registered adapter passes (tests/test_adapter_contract.py, one row per
+    family, on a tiny random model built from the family's config class):
+
+    - masked forward equals sliced forward: ``apply_masks(model, keep)`` then forward gives the
+      logits the model gives after ``slice(model, keep)``;
+    - each row of a (B, U) mask is its own sub-model: batch row b under ``keep[b]`` equals that
+      row alone under ``keep[b]``;
+    - ``count_parameters`` after slicing is exact, and removing whole modules frees exactly the
+      sum of their ``unit_costs``;
+    - ``structure()`` -> a fresh dense model -> ``restructure()`` -> ``load_state_dict`` gives
+      the same logits and the same greedily generated tokens.
+    """
 
     def layout(self, model) -> UnitLayout:
-        """The current units of ``model``."""
+        """The current units of ``model``: per layer its query heads, then its MLP neurons."""
 
     def unit_costs(self, model) -> torch.Tensor:
-        """FloatTensor (U,): parameters freed by removing each unit alone from the current model."""
+        """FloatTensor (U,): parameters freed by removing each unit alone from the current model.
+
+        Parameters shared by a module's units (a K/V head, per-head norms) are split equally
+        among the units that share them, so removing all of them frees exactly their sum.
+        """
 
     def count_parameters(self, model) -> int:
         """Prunable-scope parameters: everything except embeddings and the LM head."""
@@ -107,14 +164,14 @@ class ArchitectureAdapter(Protocol):
     def apply_masks(self, model, keep: torch.Tensor) -> AbstractContextManager[None]:
         """Virtually remove units: keep (U,) or (B, U), one row per batch row. No weight changes."""
 
-    def collect_stats(self, model) -> AbstractContextManager[Any]:
+    def collect_stats(self, model) -> AbstractContextManager[StatsCollector]:
         """Record activation statistics during forwards; ``.result()`` gives UnitStats."""
 
     def slice(self, model, keep: torch.Tensor) -> None:
         """Physically remove the units where ``keep`` (U,) is False, in place."""
 
     def structure(self, model) -> dict:
-        """JSON-safe per-layer sizes, enough to rebuild the pruned shapes with ``restructure``."""
+        """JSON-safe ``{"family": model_type, "layers": [LayerStructure, ...]}``."""
 
     def restructure(self, model, structure: dict) -> None:
         """Give a freshly built dense model the (uninitialised) shapes described by ``structure``."""

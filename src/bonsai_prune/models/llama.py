@@ -1,23 +1,25 @@
-"""Adapter for the Llama family (Llama 2/3, SmolLM2): where heads and neurons live.
+"""Adapter for the Llama family (Llama 2/3, SmolLM2), and the base of every Llama-shaped family.
 
 Grouped-query attention. A unit is one *query* head. Query heads are pruned one by one; the
-K/V head a group shares goes only when every query head of its group has gone. Once a layer
-is sliced its groups may be uneven (say 3, 1 and 2 query heads over 3 K/V heads), which the
-stock HF attention (``repeat_kv`` by a single group size) cannot express, so each sliced
-attention module carries ``kv_head_index`` (its query head -> K/V head map) and the model runs
-the ``bonsai_sdpa`` attention function: SDPA after gathering K/V by that map. The cost of a
-head is its q rows and o columns plus an equal share of its group's K/V rows, so removing a
-whole group frees exactly the K/V parameters; the parameter count after slicing is exact.
+K/V head a group shares goes only when every query head of its group has gone. Sliced layers
+may have uneven groups, so they run the K/V-gathering attention of :mod:`.attention`. The
+cost of a head is its q rows and o columns plus an equal share of its group's K/V rows (and of
+the layer's per-head-dim norms, if any), so removing a whole group frees exactly the K/V
+parameters; the parameter count after slicing is exact.
 
 A layer may lose every query head (FinerCut removes whole attention sub-layers, and Bonsai can
 when the user allows empty modules): slicing then puts an :class:`EmptyAttention` in place of
-``self_attn``, which adds nothing to the residual stream (exactly what the fully masked module
-adds) and owns no weights but the o_proj bias, if the model has one. The layer's
-``input_layernorm`` stays, unused: it keeps state-dict names stable and costs ``hidden``
-parameters, which stay counted.
+``self_attn``. The layer's ``input_layernorm`` stays, unused: it keeps state-dict names stable
+and costs ``hidden`` parameters, which stay counted.
 
 Masking (virtual sub-models) needs no weight change: a forward pre-hook on ``o_proj`` scales
 each head's slice of the concatenated head outputs, one on ``down_proj`` scales each neuron.
+
+:class:`LlamaAdapter` is written once for every decoder whose layers hold ``self_attn`` (with
+an ``o_proj``) and ``mlp`` (with a ``down_proj``). A family subclasses it and overrides only
+what differs: where the q/k/v and gate/up rows live (``_qkv_*``, ``_gate_up_*``: Phi-3 fuses
+them) and which exact attention path it needs (``attention_kind``: Gemma 2 soft-caps). Biases,
+per-head-dim norms and a head_dim that is not hidden / heads are handled here.
 """
 
 from __future__ import annotations
@@ -29,36 +31,18 @@ from torch import nn
 
 from bonsai_prune.core.selection import SharedCosts
 from bonsai_prune.models.adapter import ADAPTERS, HEADS, NEURONS, UnitLayout
+from bonsai_prune.models.attention import (
+    SDPA,
+    EmptyAttention,
+    set_kv_head_index,
+    use_kv_mapped_attention,
+)
+from bonsai_prune.models.masking import StatsCollector, mask_hook
 
-ATTENTION_IMPLEMENTATION = "bonsai_sdpa"
-
-
-def _kv_mapped_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """SDPA where each query head reads the K/V head named by ``module.kv_head_index``."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    index = getattr(module, "kv_head_index", None)
-    if index is not None:
-        key = key.index_select(1, index)  # (b, n_query_heads, s, head_dim)
-        value = value.index_select(1, index)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+__all__ = ["EmptyAttention", "LlamaAdapter", "slice_linear", "empty_linear", "head_channels"]
 
 
-def _register_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(ATTENTION_IMPLEMENTATION, _kv_mapped_sdpa)
-    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)
-
-
-def use_kv_mapped_attention(model) -> None:
-    """Switch ``model`` to the attention function that understands uneven GQA groups."""
-    _register_attention()
-    model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
-
-
-def _slice_linear(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
+def slice_linear(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
     """A new Linear holding only ``rows`` (outputs) and ``cols`` (inputs) of ``linear``."""
     weight = linear.weight.detach()
     bias = linear.bias.detach() if linear.bias is not None else None
@@ -75,9 +59,14 @@ def _slice_linear(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
     return new
 
 
-def _empty_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
+def empty_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
     """A shape-only Linear on the meta device, filled later by ``load_state_dict(assign=True)``."""
     return nn.Linear(n_in, n_out, bias=bias, device="meta")
+
+
+def head_channels(units: torch.Tensor, width: int) -> torch.Tensor:
+    """Channel indices (n*width,) of the given head indices (n,)."""
+    return (units[:, None] * width + torch.arange(width)).reshape(-1)
 
 
 def _empty_attention_like(attn) -> EmptyAttention:
@@ -88,66 +77,76 @@ def _empty_attention_like(attn) -> EmptyAttention:
     )
 
 
-def _channels(units: torch.Tensor, width: int) -> torch.Tensor:
-    """Channel indices (n*width,) of the given head indices (n,)."""
-    return (units[:, None] * width + torch.arange(width)).reshape(-1)
-
-
-class EmptyAttention(nn.Module):
-    """Stands in for an attention sub-layer whose query heads have all been removed.
-
-    Its output is zero (plus the o_proj bias, if the model had one), exactly what the fully
-    masked attention gives. It still writes to the KV cache: transformers reads the cached
-    sequence length from layer 0 (``get_seq_length()``) to place new tokens, and a zero-head
-    (b, 0, s, head_dim) tensor would not count (``DynamicLayer.get_seq_length`` returns 0 for
-    a cache with no elements), so the layer caches a (b, 1, s, 1) zero placeholder instead:
-    one number per token.
-    """
-
-    def __init__(self, layer_idx: int, head_dim: int, o_bias: torch.Tensor | None = None):
-        super().__init__()
-        self.layer_idx, self.head_dim = layer_idx, head_dim
-        self.o_bias = None if o_bias is None else nn.Parameter(o_bias, requires_grad=False)
-
-    def forward(
-        self,
-        hidden_states,
-        position_embeddings=None,
-        attention_mask=None,
-        past_key_values=None,
-        **kwargs,
-    ):
-        b, s, _ = hidden_states.shape
-        # transformers 5.2x passes the cache as ``cache``; earlier releases as ``past_key_values``
-        past_key_values = kwargs.get("cache", past_key_values)
-        if past_key_values is not None:
-            placeholder = hidden_states.new_zeros(b, 1, s, 1)  # (b, 1 "head", s, 1)
-            past_key_values.update(placeholder, placeholder, self.layer_idx)
-        out = torch.zeros_like(hidden_states)  # (b, s, hidden)
-        if self.o_bias is not None:
-            out = out + self.o_bias
-        return out, None
-
-
 @ADAPTERS.register("llama")
 class LlamaAdapter:
     """Units and surgery for ``LlamaForCausalLM``-shaped models."""
 
+    # ---- where the weights live: what a family with another layout overrides -------------
+
     def _layers(self, model):
         return model.model.layers
 
-    def _head_dim(self, attn) -> int:
-        return attn.head_dim
-
-    def _n_heads(self, attn) -> int:
-        if isinstance(attn, EmptyAttention):
-            return 0
-        return attn.q_proj.out_features // attn.head_dim
+    def _final_norm(self, model) -> nn.Module:
+        return model.model.norm
 
     def _n_kv_heads(self, attn) -> int:
         if isinstance(attn, EmptyAttention):
             return 0
         return attn.k_proj.out_features // attn.head_dim
+
+    def _qkv_bias(self, attn) -> bool:
+        """Whether the q/k/v projections carry biases (they go with their rows)."""
+        return attn.q_proj.bias is not None
+
+    def _q_weight(self, attn) -> torch.Tensor:
+        """(n_heads*head_dim, hidden): the query rows."""
+        return attn.q_proj.weight
+
+    def _qkv_projections(self) -> tuple[str, ...]:
+        """Names of the modules holding q/k/v rows (their parameters are per-head, not shared)."""
+        return ("q_proj", "k_proj", "v_proj")
+
+    def _slice_qkv(self, attn, q_channels: torch.Tensor, kv_channels: torch.Tensor) -> None:
+        attn.q_proj = slice_linear(attn.q_proj, rows=q_channels)
+        attn.k_proj = slice_linear(attn.k_proj, rows=kv_channels)
+        attn.v_proj = slice_linear(attn.v_proj, rows=kv_channels)
+
+    def _empty_qkv(self, attn, hidden: int, n_q: int, n_kv: int) -> None:
+        hd, bias = attn.head_dim, self._qkv_bias(attn)
+        attn.q_proj = empty_linear(hidden, n_q * hd, bias)
+        attn.k_proj = empty_linear(hidden, n_kv * hd, bias)
+        attn.v_proj = empty_linear(hidden, n_kv * hd, bias)
+
+    def _gate_up_bias(self, mlp) -> bool:
+        return mlp.gate_proj.bias is not None
+
+    def _gate_up_weights(self, mlp) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and up rows, each (intermediate, hidden)."""
+        return mlp.gate_proj.weight, mlp.up_proj.weight
+
+    def _slice_gate_up(self, mlp, kept: torch.Tensor) -> None:
+        mlp.gate_proj = slice_linear(mlp.gate_proj, rows=kept)
+        mlp.up_proj = slice_linear(mlp.up_proj, rows=kept)
+
+    def _empty_gate_up(self, mlp, hidden: int, n_neurons: int) -> None:
+        bias = self._gate_up_bias(mlp)
+        mlp.gate_proj = empty_linear(hidden, n_neurons, bias)
+        mlp.up_proj = empty_linear(hidden, n_neurons, bias)
+
+    def _after_attention_resized(self, model, attn) -> None:
+        """Tell the module its new head counts where its forward reads them (Phi-3 does)."""
+
+    def attention_kind(self, model) -> str:
+        """Which K/V-gathering attention sliced layers run: sdpa, or eager where the family's
+        attention does what SDPA cannot (Gemma 2's soft-capping)."""
+        return SDPA
+
+    # ---- derived sizes --------------------------------------------------------------------
+
+    def _n_heads(self, attn) -> int:
+        if isinstance(attn, EmptyAttention):
+            return 0
+        return attn.o_proj.in_features // attn.head_dim
 
     def _kv_index(self, attn) -> torch.Tensor:
         """LongTensor (n_query_heads,): which K/V head each query head reads."""
@@ -157,6 +156,17 @@ class LlamaAdapter:
         if index is not None:
             return index.cpu()
         return torch.arange(self._n_heads(attn)) // attn.num_key_value_groups
+
+    def _shared_head_parameters(self, attn) -> int:
+        """Parameters every head of the layer shares and that go with the last one: per-head-dim
+        norms (Qwen3, Gemma 3 ``q_norm``/``k_norm``). Not the o_proj bias, which stays."""
+        own = {*self._qkv_projections(), "o_proj"}
+        return sum(
+            p.numel()
+            for name, child in attn.named_children()
+            if name not in own
+            for p in child.parameters()
+        )
 
     # ---- units and costs ------------------------------------------------------------------
 
@@ -178,7 +188,7 @@ class LlamaAdapter:
             mlp = layer.mlp
             hidden = mlp.down_proj.out_features
             costs.append(self._head_costs(layer.self_attn, hidden))
-            gate_up_bias = 2 if mlp.gate_proj.bias is not None else 0
+            gate_up_bias = 2 if self._gate_up_bias(mlp) else 0
             neuron = 3 * hidden + gate_up_bias
             costs.append(
                 torch.full((mlp.down_proj.in_features,), float(neuron), dtype=torch.float64)
@@ -186,35 +196,42 @@ class LlamaAdapter:
         return torch.cat(costs)
 
     def _head_costs(self, attn, hidden: int) -> torch.Tensor:
-        """FloatTensor (n_heads,): q rows, o columns and an equal share of the group's K/V."""
+        """FloatTensor (n_heads,): q rows, o columns, an equal share of the group's K/V and of
+        the layer's shared per-head-dim norms."""
         if isinstance(attn, EmptyAttention):
             return torch.zeros(0, dtype=torch.float64)
-        hd = attn.head_dim
+        hd, bias = attn.head_dim, self._qkv_bias(attn)
         kv_index = self._kv_index(attn)
         group_size = torch.bincount(kv_index)[kv_index].double()  # (n_heads,)
-        q_bias = hd if attn.q_proj.bias is not None else 0
-        kv_share = 2 * (hd * hidden + (hd if attn.k_proj.bias is not None else 0))
-        return 2 * hd * hidden + q_bias + kv_share / group_size
+        q_bias = hd if bias else 0
+        kv_share = 2 * (hd * hidden + (hd if bias else 0))
+        shared = self._shared_head_parameters(attn) / len(kv_index)
+        return 2 * hd * hidden + q_bias + kv_share / group_size + shared
 
     def shared_costs(self, model) -> tuple[torch.Tensor, SharedCosts]:
         """(own costs (U,), SharedCosts): each head's q rows and o columns alone, and each K/V
         head as a group freed with its last query head; neurons share nothing. Selection with
-        these frees exactly what it counts (``unit_costs`` spreads K/V evenly instead)."""
+        these frees exactly what it counts (``unit_costs`` spreads K/V evenly instead). The
+        layer's per-head-dim norms (Qwen3, Gemma 3) go only with its very last head, which
+        happens only with ``allow_empty``; they are not charged, so selection then frees a
+        few parameters more than it counted, never fewer."""
         own, groups, group_costs = [], [], []
         for layer in self._layers(model):
             attn, mlp = layer.self_attn, layer.mlp
             hidden = mlp.down_proj.out_features
             if not isinstance(attn, EmptyAttention):
-                hd = attn.head_dim
-                kv_index = self._kv_index(attn).cpu()
-                q_bias = hd if attn.q_proj.bias is not None else 0
-                own.append(torch.full((kv_index.numel(),), float(2 * hd * hidden + q_bias)))
+                hd, bias = attn.head_dim, self._qkv_bias(attn)
+                kv_index = self._kv_index(attn)
+                own.append(
+                    torch.full((kv_index.numel(),), float(2 * hd * hidden + (hd if bias else 0)))
+                )
                 groups.append(kv_index + len(group_costs))
-                kv_bias = hd if attn.k_proj.bias is not None else 0
-                group_costs += [float(2 * (hd * hidden + kv_bias))] * int(kv_index.max() + 1)
-            gate_up_bias = 2 if mlp.gate_proj.bias is not None else 0
+                group_costs += [float(2 * (hd * hidden + (hd if bias else 0)))] * int(
+                    kv_index.max() + 1
+                )
             n_neurons = mlp.down_proj.in_features
-            own.append(torch.full((n_neurons,), float(3 * hidden + gate_up_bias)))
+            neuron = 3 * hidden + (2 if self._gate_up_bias(mlp) else 0)
+            own.append(torch.full((n_neurons,), float(neuron)))
             groups.append(torch.full((n_neurons,), -1, dtype=torch.long))
         shared = SharedCosts(
             torch.cat(groups).long(), torch.tensor(group_costs, dtype=torch.float64)
@@ -222,7 +239,7 @@ class LlamaAdapter:
         return torch.cat(own).double(), shared
 
     def count_parameters(self, model) -> int:
-        scope = list(self._layers(model)) + [model.model.norm]
+        scope = list(self._layers(model)) + [self._final_norm(model)]
         return sum(p.numel() for module in scope for p in module.parameters())
 
     # ---- virtual masking and statistics ---------------------------------------------------
@@ -244,7 +261,7 @@ class LlamaAdapter:
                     target, width = layer.self_attn.o_proj, layer.self_attn.head_dim
                 else:
                     target, width = layer.mlp.down_proj, 1
-                handles.append(target.register_forward_pre_hook(_mask_hook(mask, width)))
+                handles.append(target.register_forward_pre_hook(mask_hook(mask, width)))
             yield
         finally:
             for handle in handles:
@@ -253,7 +270,7 @@ class LlamaAdapter:
     @contextmanager
     def collect_stats(self, model):
         """Accumulate mean |input| per channel of every o_proj and down_proj."""
-        collector = _StatsCollector(self, model)
+        collector = StatsCollector(self, model)
         handles = []
         try:
             for i, layer in enumerate(self._layers(model)):
@@ -281,30 +298,21 @@ class LlamaAdapter:
                 if len(kept) == 0 < module.n_units:
                     layer.self_attn = _empty_attention_like(layer.self_attn)
                 elif len(kept) < module.n_units:
-                    self._slice_heads(layer.self_attn, kept)
+                    self._slice_heads(model, layer.self_attn, kept)
             elif len(kept) < module.n_units:
-                mlp = layer.mlp
-                mlp.gate_proj = _slice_linear(mlp.gate_proj, rows=kept)
-                mlp.up_proj = _slice_linear(mlp.up_proj, rows=kept)
-                mlp.down_proj = _slice_linear(mlp.down_proj, cols=kept)
-        use_kv_mapped_attention(model)
+                self._slice_gate_up(layer.mlp, kept)
+                layer.mlp.down_proj = slice_linear(layer.mlp.down_proj, cols=kept)
+        use_kv_mapped_attention(model, self.attention_kind(model))
 
-    def _slice_heads(self, attn, kept: torch.Tensor) -> None:
+    def _slice_heads(self, model, attn, kept: torch.Tensor) -> None:
         hd = attn.head_dim
         kv_index = self._kv_index(attn)[kept]  # (n_kept,) old K/V ids
         kv_kept, new_index = torch.unique(kv_index, sorted=True, return_inverse=True)
-        q_channels, kv_channels = _channels(kept, hd), _channels(kv_kept, hd)
-        attn.q_proj = _slice_linear(attn.q_proj, rows=q_channels)
-        attn.k_proj = _slice_linear(attn.k_proj, rows=kv_channels)
-        attn.v_proj = _slice_linear(attn.v_proj, rows=kv_channels)
-        attn.o_proj = _slice_linear(attn.o_proj, cols=q_channels)
-        self._set_kv_index(attn, new_index)
-
-    def _set_kv_index(self, attn, index: torch.Tensor, device=None) -> None:
-        # Structure, not a mask: it lives with the module like its weight shapes do.
-        device = device or attn.q_proj.weight.device
-        attn.register_buffer("kv_head_index", index.to(device), persistent=False)
-        attn.num_key_value_groups = 1  # K/V are gathered per query head by kv_head_index
+        q_channels = head_channels(kept, hd)
+        self._slice_qkv(attn, q_channels, head_channels(kv_kept, hd))
+        attn.o_proj = slice_linear(attn.o_proj, cols=q_channels)
+        set_kv_head_index(attn, new_index, device=attn.o_proj.weight.device)
+        self._after_attention_resized(model, attn)
 
     def structure(self, model) -> dict:
         layers = []
@@ -318,7 +326,7 @@ class LlamaAdapter:
                     "intermediate_size": layer.mlp.down_proj.in_features,
                 }
             )
-        return {"family": "llama", "layers": layers}
+        return {"family": model.config.model_type, "layers": layers}
 
     def restructure(self, model, structure: dict) -> None:
         layers = structure["layers"]
@@ -332,76 +340,11 @@ class LlamaAdapter:
                 )
                 layer.self_attn = EmptyAttention(attn.layer_idx, hd, o_bias)
             else:
-                qkv_bias = attn.q_proj.bias is not None
-                attn.q_proj = _empty_linear(hidden, nq * hd, qkv_bias)
-                attn.k_proj = _empty_linear(hidden, nkv * hd, qkv_bias)
-                attn.v_proj = _empty_linear(hidden, nkv * hd, qkv_bias)
-                attn.o_proj = _empty_linear(nq * hd, hidden, attn.o_proj.bias is not None)
+                self._empty_qkv(attn, hidden, nq, nkv)
+                attn.o_proj = empty_linear(nq * hd, hidden, attn.o_proj.bias is not None)
                 index = torch.tensor(sizes["kv_head_index"], dtype=torch.long)
-                self._set_kv_index(attn, index, device=layer.input_layernorm.weight.device)
-            mlp_bias = mlp.down_proj.bias is not None
-            mlp.gate_proj = _empty_linear(hidden, inter, mlp_bias)
-            mlp.up_proj = _empty_linear(hidden, inter, mlp_bias)
-            mlp.down_proj = _empty_linear(inter, hidden, mlp_bias)
-        use_kv_mapped_attention(model)
-
-
-def _mask_hook(mask: torch.Tensor, width: int):
-    """Pre-hook multiplying the input (b, s, n*width) by mask (B, n), B in {1, b}."""
-
-    def hook(module, args):
-        x = args[0]
-        b, s, channels = x.shape
-        m = mask.to(device=x.device, dtype=x.dtype)
-        if m.shape[0] not in (1, b):
-            raise ValueError(f"mask has {m.shape[0]} rows for a batch of {b}")
-        x = x.view(b, s, channels // width, width) * m[:, None, :, None]  # (b, s, n, width)
-        return (x.view(b, s, channels),) + tuple(args[1:])
-
-    return hook
-
-
-class _StatsCollector:
-    """Sums |input| per channel at each masked projection; turns them into per-unit priors."""
-
-    def __init__(self, adapter: LlamaAdapter, model) -> None:
-        self.adapter, self.model = adapter, model
-        self.abs_sum: dict[tuple[int, str], torch.Tensor] = {}
-        self.n_tokens: dict[tuple[int, str], int] = {}
-
-    def hook(self, layer: int, kind: str):
-        def record(module, args):
-            x = args[0].detach().float().abs()
-            x = x.flatten(0, -2)  # (tokens, channels); channels may be 0 (an emptied MLP)
-            key = (layer, kind)
-            self.abs_sum[key] = self.abs_sum.get(key, 0) + x.sum(0).cpu()
-            self.n_tokens[key] = self.n_tokens.get(key, 0) + x.shape[0]
-
-        return record
-
-    def result(self):
-        """UnitStats over the global unit vector (wanda: mean|x| times weight-column norm)."""
-        from bonsai_prune.core.priors import UnitStats
-
-        if not self.n_tokens:
-            raise RuntimeError("no forward pass ran inside collect_stats()")
-        wanda, weight_norm = [], []
-        for i, layer in enumerate(self.adapter._layers(self.model)):
-            attn, mlp = layer.self_attn, layer.mlp
-            hd = attn.head_dim
-            if isinstance(attn, EmptyAttention):
-                wanda.append(torch.zeros(0))
-                weight_norm.append(torch.zeros(0))
-            else:
-                o_cols = attn.o_proj.weight.float().norm(dim=0).cpu()  # (n_heads*hd,)
-                mean_abs = self.abs_sum[(i, HEADS)] / self.n_tokens[(i, HEADS)]
-                wanda.append((mean_abs * o_cols).view(-1, hd).sum(1))
-                q_rows = attn.q_proj.weight.float().pow(2).sum(1).cpu().view(-1, hd).sum(1)
-                weight_norm.append((q_rows + o_cols.pow(2).view(-1, hd).sum(1)).sqrt())
-            down_cols = mlp.down_proj.weight.float().norm(dim=0).cpu()  # (intermediate,)
-            mean_abs = self.abs_sum[(i, NEURONS)] / self.n_tokens[(i, NEURONS)]
-            wanda.append(mean_abs * down_cols)
-            gate = mlp.gate_proj.weight.float().pow(2).sum(1).cpu()
-            up = mlp.up_proj.weight.float().pow(2).sum(1).cpu()
-            weight_norm.append((gate + up + down_cols.pow(2)).sqrt())
-        return UnitStats(wanda=torch.cat(wanda), weight_norm=torch.cat(weight_norm))
+                set_kv_head_index(attn, index, device=layer.input_layernorm.weight.device)
+                self._after_attention_resized(model, attn)
+            self._empty_gate_up(mlp, hidden, inter)
+            mlp.down_proj = empty_linear(inter, hidden, mlp.down_proj.bias is not None)
+        use_kv_mapped_attention(model, self.attention_kind(model))

