@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from bonsai_prune.config import PruneConfig
+from bonsai_prune.config import PruneConfig, WorkersConfig
 from bonsai_prune.core.priors import PRIORS
 from bonsai_prune.data.calibration import calibration_problems
 from bonsai_prune.data.problems import load_gsm8k, load_problems
@@ -78,6 +78,7 @@ def prune(
     progress: bool = True,
     overwrite: bool = False,
     resume: bool = False,
+    workers: WorkersConfig | None = None,
 ) -> PruneResult:
     """Prune ``config.model`` to ``config.sparsity`` with ``config.method`` and return the result.
 
@@ -86,6 +87,7 @@ def prune(
     out_dir: where to write the run directory (model, masks, report); nothing is written if None.
     model, tokenizer: an already loaded model to prune in place (skips loading).
     resume: continue the run in ``out_dir`` after its last completed round (same config).
+    workers: score sub-models on local worker processes or a Ray cluster (same result).
     """
     config = config or PruneConfig()
     check_registered(config)
@@ -115,11 +117,24 @@ def prune(
             resume=resume,
             overwrite=overwrite,
             started=started,
+            workers=workers,
         )
 
 
 def _run(
-    config, method, pool, score, out, *, model, tokenizer, progress, resume, overwrite, started
+    config,
+    method,
+    pool,
+    score,
+    out,
+    *,
+    model,
+    tokenizer,
+    progress,
+    resume,
+    overwrite,
+    started,
+    workers=None,
 ):
     """The run proper, holding the run directory (if any)."""
     done = rundir.prepare_out_dir(out, config, resume=resume, overwrite=overwrite) if out else 0
@@ -142,6 +157,7 @@ def _run(
         utility=score,
         progress=progress,
         completed_rounds=completed,
+        workers=workers or WorkersConfig(),
     )
     adapter, make_batch = context.adapter, context.make_batch
     n_original = adapter.count_parameters(model)

@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 from bonsai_prune.cli_options import add_config_options, config_from_args
-from bonsai_prune.config import EvalConfig, PruneConfig, RecoverConfig, UtilityConfig
+from bonsai_prune.config import (
+    EvalConfig,
+    PruneConfig,
+    RecoverConfig,
+    UtilityConfig,
+    WorkersConfig,
+)
 from bonsai_prune.errors import BonsaiPruneError
 from bonsai_prune.validation import check_out_dir, check_out_file
 
@@ -33,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("prune", help="prune a model (Bonsai or a baseline method)")
     add_config_options(p, PruneConfig)
+    add_config_options(p, WorkersConfig)
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -115,6 +122,7 @@ def _cmd_prune(args) -> int:
         progress=not args.quiet,
         resume=args.resume,
         overwrite=args.overwrite,
+        workers=config_from_args(WorkersConfig, args),
     )
     print(format_summary(result.report, args.out))
     if args.recover:

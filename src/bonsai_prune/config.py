@@ -399,3 +399,34 @@ class RecoverConfig(_JsonConfig):
         _check_float("ce_weight", self.ce_weight, low=0.0, open_low=False)
         if self.kl_weight == 0 and self.ce_weight == 0:
             raise ConfigError("kl_weight and ce_weight are both 0: nothing to train on")
+
+
+@dataclass(frozen=True)
+class WorkersConfig(_JsonConfig):
+    """Where sub-models are scored. It never changes a result, so it is kept apart from the
+    PruneConfig: ``--resume`` may change it and the study cache does not key on it."""
+
+    workers: int = option(
+        0,
+        "worker processes scoring sub-models, each holding a model replica (0: this process); "
+        "with --ray, the number of Ray actors (default: one per GPU of the cluster)",
+    )
+    ray: str | None = option(
+        None,
+        "score on a Ray cluster: its address, 'auto' (the running one) or 'local' (start one); "
+        "needs pip install 'bonsai-prune[ray]'",
+    )
+
+    def __post_init__(self) -> None:
+        _check_int("workers", self.workers, minimum=0)
+        if self.ray is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise ConfigError(
+                    "--ray needs Ray: pip install 'bonsai-prune[ray]' (or pip install ray)"
+                )
+
+    @property
+    def enabled(self) -> bool:
+        return self.workers > 0 or self.ray is not None

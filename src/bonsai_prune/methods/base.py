@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from bonsai_prune.config import PruneConfig
+from bonsai_prune.config import PruneConfig, WorkersConfig
 from bonsai_prune.core.budget import (
     check_reachable,
     min_keep_per_module,
@@ -54,6 +54,7 @@ class PruneContext:
     # resume: the (keep mask, figures) of rounds a previous run completed, in order
     completed_rounds: list[tuple[torch.Tensor, dict]] = field(default_factory=list)
     on_round: Callable[[Any], None] | None = None  # called with each finished round (saving)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)  # where sub-models are scored
 
     @classmethod
     def create(

@@ -35,6 +35,7 @@ from bonsai_prune.core.regression import fit_importance
 from bonsai_prune.core.sampling import sample_masks
 from bonsai_prune.core.selection import select_units
 from bonsai_prune.data.calibration import CalibrationBatch
+from bonsai_prune.distributed import evaluator_pool
 from bonsai_prune.errors import PruningError, RunDirectoryError
 from bonsai_prune.methods.base import METHODS, MethodResult, PruneContext
 from bonsai_prune.methods.forward import score_masks, unit_prior
@@ -110,6 +111,7 @@ def run_round(
     config: PruneConfig,
     n_original: int,
     progress: bool = True,
+    score: Callable = score_masks,  # or an evaluator pool's (distributed/): same signature
 ) -> RoundResult:
     """One Bonsai round on ``model``: it ends with the chosen units physically removed."""
     timings: dict[str, float] = {}
@@ -145,9 +147,7 @@ def run_round(
 
     with torch.no_grad():
         utility_before = float(utility(model, batch))
-    raw_scores = score_masks(
-        adapter, model, utility, batch, masks, config.masks_per_forward, progress
-    )
+    raw_scores = score(adapter, model, utility, batch, masks, config.masks_per_forward, progress)
     scores, n_failed = replace_failures(raw_scores)
     lap("evaluation")
 
@@ -216,6 +216,7 @@ def iterate_rounds(
     n_original: int,
     start: int = 1,
     progress: bool = True,
+    score: Callable = score_masks,
 ) -> Iterator[RoundResult]:
     """Yield one RoundResult per round until the target sparsity is reached."""
     index = start
@@ -223,7 +224,15 @@ def iterate_rounds(
     try:
         while not target_reached(adapter.count_parameters(model), n_original, config):
             result = run_round(
-                index, model, adapter, utility, make_batch(index), config, n_original, progress
+                index,
+                model,
+                adapter,
+                utility,
+                make_batch(index),
+                config,
+                n_original,
+                progress,
+                score,
             )
             bar.update(1)
             bar.set_postfix(
@@ -253,25 +262,30 @@ def bonsai(context: PruneContext) -> MethodResult:
     model, adapter, config = context.model, context.adapter, context.config
     n_original = adapter.count_parameters(model)
     check_reachable(adapter, model, config, n_original)
-    replay_rounds(model, adapter, context.completed_rounds)
     result = MethodResult(n_original, n_original, 0.0, 0.0)
     result.round_figures = [figures for _, figures in context.completed_rounds]
     result.keep_masks = [keep for keep, _ in context.completed_rounds]
-    for round_result in iterate_rounds(
-        model,
-        adapter,
-        context.utility,
-        context.make_batch,
-        config,
-        n_original,
-        start=len(context.completed_rounds) + 1,
-        progress=context.progress,
-    ):
-        result.rounds.append(round_result)
-        result.keep_masks.append(round_result.keep)
-        result.round_figures.append(round_result.figures())
-        if context.on_round is not None:
-            context.on_round(round_result)
+    # workers build their replica from the model as it is now and replay result.keep_masks
+    with evaluator_pool(
+        context.workers, model, result.keep_masks, context.utility, score_masks
+    ) as score:
+        replay_rounds(model, adapter, context.completed_rounds)
+        for round_result in iterate_rounds(
+            model,
+            adapter,
+            context.utility,
+            context.make_batch,
+            config,
+            n_original,
+            start=len(context.completed_rounds) + 1,
+            progress=context.progress,
+            score=score,
+        ):
+            result.rounds.append(round_result)
+            result.keep_masks.append(round_result.keep)
+            result.round_figures.append(round_result.figures())
+            if context.on_round is not None:
+                context.on_round(round_result)
     result.params_after = adapter.count_parameters(model)
     result.sparsity = 1 - result.params_after / n_original
     result.seconds = time.perf_counter() - started
