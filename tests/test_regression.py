@@ -287,4 +287,4 @@ def test_the_heaviest_penalty_is_reported():
         scores.shape, generator=torch.Generator().manual_seed(0), dtype=scores.dtype
     )
     grid = [1e-3, 1e6]
-    assert fit_importance(masks, noise, method="ridge", alphas=grid).at_max_penalty
+    assert fit_importance(masks, noise, method="ridge", alphas=grid).at_max_penalty is True

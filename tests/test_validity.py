@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -137,6 +138,7 @@ def test_a_constant_utility_prunes_by_the_prior_within_modules_and_warns(tokeniz
             1, model, adapter, lambda m, b: 1.0, batch, config, n_original, progress=False
         )
     assert result.validity["constant"] and result.validity["selected_by"] == "prior"
+    json.dumps(result.figures())  # the round's figures go to report.json
     removed_per_module = 0
     for module, keep in layout.split(result.keep):
         module_prior = prior[module.units]

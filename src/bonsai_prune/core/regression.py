@@ -107,7 +107,7 @@ def fit_importance(
         cv_error = float(model.mse_path_[at_alpha].mean())  # mse_path_: (n_alphas, n_folds)
     beta = torch.from_numpy(np.asarray(model.coef_, dtype=np.float64) * std)  # (C,)
     intercept = float(model.intercept_) * std + mean
-    at_max = float(model.alpha_) >= max(grid) * (1 - 1e-9)
+    at_max = bool(float(model.alpha_) >= float(max(grid)) * (1 - 1e-9))  # a bool, not numpy's
     return RegressionFit(
         beta, intercept, float(model.alpha_), cv_error * std**2, method, at_max_penalty=at_max
     )

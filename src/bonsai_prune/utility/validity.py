@@ -102,7 +102,7 @@ def measure_validity(
     r2 = held_out_r2(cv_error, scores)
     rho = spearman(n_removed, scores)
     share = share_beaten(score_before, scores)
-    no_signal = constant or (at_max_penalty and not r2 > 0)
+    no_signal = constant or (bool(at_max_penalty) and not r2 > 0)
     informative = not constant and share >= MIN_SHARE_BEATEN and rho <= MAX_RANK_CORRELATION
     return Validity(share, rho, r2, constant, no_signal, informative)
 
