@@ -42,7 +42,8 @@ def save_model(out: Path, model, tokenizer, structure: dict) -> Path:
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / STRUCTURE_FILE, structure)
         try:
-            write_config(tmp, model.config.to_dict(), structure)
+            # the config.json transformers just wrote: its own choice of keys, dense sizes
+            write_config(tmp, read_json(tmp / "config.json"), structure)
         except UnsupportedModelError:
             pass  # a family without remote code keeps its dense config: load_pruned reads it
         for path in [tmp, *tmp.rglob("*")]:
