@@ -37,7 +37,8 @@ def save_model(out: Path, model, tokenizer, structure: dict) -> Path:
         tokenizer.save_pretrained(folder)
         atomic_write_json(folder / STRUCTURE_FILE, structure)
         try:
-            write_config(folder, model.config.to_dict(), structure)
+            # the config.json transformers just wrote: its own choice of keys, dense sizes
+            write_config(folder, read_json(folder / "config.json"), structure)
         except UnsupportedModelError:
             pass  # a family without remote code keeps its dense config: load_pruned reads it
 

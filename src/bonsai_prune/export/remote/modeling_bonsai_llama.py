@@ -105,8 +105,12 @@ class BonsaiLlamaAttention(LlamaAttention):
         index = self._index(key.device)
         if index is not None:
             key, value = key.index_select(1, index), value.index_select(1, index)  # (b, n_q, s, d)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        implementation = self.config._attn_implementation
+        # indexing, not get_interface(): transformers before 5 has only the former
+        attention = (
+            eager_attention_forward
+            if implementation in (None, "eager")
+            else ALL_ATTENTION_FUNCTIONS[implementation]
         )
         out, weights = attention(
             self,
