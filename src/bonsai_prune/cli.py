@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from bonsai_prune.cli_options import add_config_options, config_from_args
@@ -256,11 +257,17 @@ def _cmd_experiment(args) -> int:
     return 1 if result.n_failed else 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning is one line a user can read, not a source excerpt with a file path."""
+    print(f"bonsai-prune: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening; keep stderr clean
+    warnings.showwarning = _one_line_warning
     try:
         return args.run(args)
     except BonsaiPruneError as e:

@@ -55,7 +55,7 @@ def quick_check(
     problems = load_gsm8k("test")[:n_problems]
     perplexity = {}
     for name, (model, tokenizer) in models.items():
-        nll = reference_nll(
+        nll, _ = reference_nll(
             model, tokenizer, problems, prompt="chat", shots=0, batch_size=8, progress=False
         )
         finite = nll[torch.isfinite(nll)]
