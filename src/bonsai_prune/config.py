@@ -117,6 +117,32 @@ def _weights_option(default: dict[str, float] = DEFAULT_WEIGHTS) -> Any:
 
 
 PROMPT_HELP = "the model's chat template, or plain 'Question: ... Answer:' text"
+
+
+# Options UtilityConfig and EvalConfig share (how a solution is posed and scored): one each.
+def _accuracy_option() -> Any:
+    return option(
+        "strict",
+        "accuracy rule of U†: strict (an answer after a marker or at the end of a finished "
+        "solution), flexible (the last number), contains (the original study's rule)",
+        choices=tuple(ACCURACY_RULES),
+        label="accuracy rule",
+    )
+
+
+def _lexical_option() -> Any:
+    return option(
+        "rouge_numbers",
+        "lexical metric of U†",
+        choices=tuple(LEXICAL_METRICS),
+        label="lexical metric",
+    )
+
+
+def _prompt_option() -> Any:
+    return option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
+
+
 SHOTS_HELP = "k worked GSM8K train exemplars in the prompt"
 
 
@@ -133,23 +159,12 @@ class UtilityConfig(_JsonConfig):
     # chosen by round-1 validity on the packaged model (results/validity/): the unmasked model
     # beats every one of its sub-models and damage correlates with the score (see README)
     weights: dict[str, float] = _weights_option(PRUNING_WEIGHTS)
-    accuracy: str = option(
-        "strict",
-        "accuracy rule of U†: strict (an answer after a marker or at the end of a finished "
-        "solution), flexible (the last number), contains (the original study's rule)",
-        choices=tuple(ACCURACY_RULES),
-        label="accuracy rule",
-    )
-    lexical: str = option(
-        "rouge_numbers",
-        "lexical metric of U†",
-        choices=tuple(LEXICAL_METRICS),
-        label="lexical metric",
-    )
+    accuracy: str = _accuracy_option()
+    lexical: str = _lexical_option()
     # a cap: each row stops after its answer line (stop="answer") or at end of sequence; 96 is
     # the setting measured (20, the original's, cut the default model's solutions mid-preamble)
     gen_tokens: int = option(96, "cap on the tokens each sub-model generates for U†")
-    prompt: str = option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
+    prompt: str = _prompt_option()
     shots: int = option(0, SHOTS_HELP)
     max_length: int = option(768, "tokens of prompt + solution kept for teacher forcing")
     reference: str = option(
@@ -278,22 +293,11 @@ class EvalConfig(_JsonConfig):
         256, "generation cap per problem"
     )
     batch_size: int = option(16, "problems generated together")
-    prompt: str = option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
+    prompt: str = _prompt_option()
     shots: int = option(0, SHOTS_HELP)
     weights: dict[str, float] = _weights_option()
-    accuracy: str = option(
-        "strict",
-        "accuracy rule of U†: strict (an answer after a marker or at the end of a finished "
-        "solution), flexible (the last number), contains (the original study's rule)",
-        choices=tuple(ACCURACY_RULES),
-        label="accuracy rule",
-    )
-    lexical: str = option(
-        "rouge_numbers",
-        "lexical metric of U†",
-        choices=tuple(LEXICAL_METRICS),
-        label="lexical metric",
-    )
+    accuracy: str = _accuracy_option()
+    lexical: str = _lexical_option()
     n_bootstrap: int = option(1000, "bootstrap resamples of the confidence intervals")
     seed: int = option(0, "seed of the bootstrap confidence intervals")
 
@@ -347,7 +351,7 @@ class RecoverConfig(_JsonConfig):
         label="recovery data",
     )
     self_max_new_tokens: int = option(256, "cap on the parent's self-data solutions")
-    prompt: str = option("chat", PROMPT_HELP, choices=PROMPT_STYLES, label="prompt style")
+    prompt: str = _prompt_option()
     train: str = option(
         "full",
         "every remaining weight (AdamW) or 'lora' (peft, merged at the end)",
