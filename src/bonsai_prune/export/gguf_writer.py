@@ -169,17 +169,25 @@ def _write_layers(
     for i, layer in enumerate(structure["layers"]):
         p = f"model.layers.{i}."
         n_q = n_kv = 0
-        if layer["query_heads"] > 0:
-            plan = plan_equal_groups(layer["kv_head_index"])
-            q, k, v, o = rewrite_heads(
-                state[p + "self_attn.q_proj.weight"],
-                state[p + "self_attn.k_proj.weight"],
-                state[p + "self_attn.v_proj.weight"],
-                state[p + "self_attn.o_proj.weight"],
-                plan,
-                head_dim,
-            )
-            n_q, n_kv = plan.n_query_heads, plan.n_kv_heads
+        if layer["query_heads"] > 0 or i == 0:
+            if layer["query_heads"] > 0:
+                plan = plan_equal_groups(layer["kv_head_index"])
+                q, k, v, o = rewrite_heads(
+                    state[p + "self_attn.q_proj.weight"],
+                    state[p + "self_attn.k_proj.weight"],
+                    state[p + "self_attn.v_proj.weight"],
+                    state[p + "self_attn.o_proj.weight"],
+                    plan,
+                    head_dim,
+                )
+                n_q, n_kv = plan.n_query_heads, plan.n_kv_heads
+            else:
+                # llama.cpp reads key_length (the head size of every layer) only when layer 0
+                # has heads; an emptied layer 0 gets one all-zero head, whose output is exactly 0
+                hidden = state[p + "input_layernorm.weight"].shape[0]
+                q = k = v = state[p + "input_layernorm.weight"].new_zeros(head_dim, hidden)
+                o = q.new_zeros(hidden, head_dim)
+                n_q = n_kv = 1
             _add_tensor(
                 writer, f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"], dtype
             )

@@ -96,7 +96,10 @@ def _greedy_steps(llm, n_tokens: int) -> list[int]:
 
 def greedy_tokens(llm, prompt_ids: list[int], n_tokens: int) -> list[int]:
     """The ``n_tokens`` greedy continuation of ``prompt_ids`` by a ``llama_cpp.Llama``, chosen
-    by argmax of its logits exactly as transformers' greedy generation does (no sampler)."""
+    by argmax of its logits exactly as transformers' greedy generation does (no sampler).
+
+    The ``Llama`` must be built with ``logits_all=True``: otherwise llama-cpp-python 0.3 leaves
+    ``scores`` at zero and every token comes out as 0."""
     llm.reset()
     llm.eval(list(prompt_ids))
     return _greedy_steps(llm, n_tokens)
