@@ -39,7 +39,12 @@ from bonsai_prune.distributed import evaluator_pool
 from bonsai_prune.errors import PruningError, RunDirectoryError
 from bonsai_prune.methods.base import METHODS, MethodResult, PruneContext
 from bonsai_prune.methods.forward import score_masks, unit_prior
-from bonsai_prune.utility.validity import UtilityWarning, measure_validity, prior_tiebreak
+from bonsai_prune.utility.validity import (
+    UtilityWarning,
+    measure_validity,
+    prior_tiebreak,
+    removed_parameters,
+)
 
 MAX_SAMPLE_FRACTION = 0.45  # 2f of a module must stay a strict subset of it
 
@@ -153,8 +158,8 @@ def run_round(
 
     candidates = ~fixed
     fit = fit_importance(masks[:, candidates], scores, method=config.regression)
-    n_removed = (~masks[:, candidates]).sum(1)  # (N,) units each sub-model removed
-    validity = measure_validity(utility_before, scores, n_removed, fit.cv_error, fit.at_max_penalty)
+    removed = removed_parameters(masks, adapter.unit_costs(model))  # (N,)
+    validity = measure_validity(utility_before, scores, removed, fit.cv_error, fit.at_max_penalty)
     beta = torch.full((layout.n_units,), math.inf, dtype=torch.float64)
     # no signal: every candidate ties and the prior's rank within its module decides
     beta[candidates] = 0.0 if validity.no_signal else fit.beta.double()

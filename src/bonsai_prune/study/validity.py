@@ -36,6 +36,7 @@ from bonsai_prune.utility.generation import Generated, generate_greedy
 from bonsai_prune.utility.references import gold_texts, prefix_text
 from bonsai_prune.utility.semantic import SemanticScorer
 from bonsai_prune.utility.validity import measure_validity as validity_of
+from bonsai_prune.utility.validity import removed_parameters
 
 PERPLEXITY = None  # a variant whose utility is None is Bonsai's -log perplexity
 
@@ -105,7 +106,8 @@ def measure_validity(
         removal_counts=config.removal_counts,
     )  # (N, U)
     candidates = ~fixed
-    n_removed = (~masks[:, candidates]).sum(1)  # (N,)
+    n_removed = (~masks[:, candidates]).sum(1)  # (N,) units
+    removed = removed_parameters(masks, adapter.unit_costs(model))  # (N,) parameters
     all_masks = torch.cat([torch.ones_like(masks[:1]), masks])  # (1 + N, U): row 0 unmasked
 
     timings: dict[str, float] = {}
@@ -137,7 +139,7 @@ def measure_validity(
                 utility, generations[_setting(utility)], problems, tokenizer, answer_prob, semantic
             )
         rows.append(
-            _figures(name, utility, scores.double(), n_removed, masks[:, candidates], cut_short)
+            _figures(name, utility, scores.double(), removed, masks[:, candidates], cut_short)
         )
         rows[-1]["scoring_s"] = time.perf_counter() - clock
     return {
@@ -282,11 +284,11 @@ def _u_dagger_scores(utility, generations, problems, tokenizer, answer_prob, sem
     return torch.tensor(scores, dtype=torch.float64), cut_short
 
 
-def _figures(name, utility, scores, n_removed, design, cut_short) -> dict:
+def _figures(name, utility, scores, removed, design, cut_short) -> dict:
     """The validity row of one variant: scores (1+N,) with the unmasked model first."""
     before, sub = float(scores[0]), scores[1:]
     fit = fit_importance(design, sub, method="ridge")
-    validity = validity_of(before, sub, n_removed, fit.cv_error, fit.at_max_penalty)
+    validity = validity_of(before, sub, removed, fit.cv_error, fit.at_max_penalty)
     return {
         "name": name,
         "utility": None if utility is None else utility.to_dict(),
@@ -299,5 +301,5 @@ def _figures(name, utility, scores, n_removed, design, cut_short) -> dict:
         "ridge_alpha_is_grid_max": fit.at_max_penalty if fit.alpha else None,
         "rows_cut_short": cut_short,
         "scores": scores.tolist(),  # unmasked first, then each sub-model: figures can be redone
-        "n_removed": n_removed.tolist(),
+        "removed_parameters": removed.tolist(),
     }
