@@ -319,11 +319,6 @@ DATA_SOURCES = ("gold", "self", "both")  # recovery data: GSM8K train solutions,
 TRAINABLE = ("full", "lora")
 
 
-def _check_min(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _check_float(name: str, value, *, low: float, high: float = math.inf, open_low=True) -> None:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and not math.isnan(value)
     if ok:
@@ -383,16 +378,16 @@ class RecoverConfig(_JsonConfig):
     seed: int = option(0, "seed of the data order, held-out split and LoRA init")
 
     def __post_init__(self) -> None:
-        _check_min("max_tokens", self.max_tokens, 1)
-        _check_min("batch_size", self.batch_size, 1)
-        _check_min("max_length", self.max_length, 16)
-        _check_min("self_max_new_tokens", self.self_max_new_tokens, 1)
-        _check_min("lora_rank", self.lora_rank, 1)
-        _check_min("warmup_steps", self.warmup_steps, 0)
-        _check_min("eval_every", self.eval_every, 0)
-        _check_min("n_eval", self.n_eval, 1)
-        _check_min("checkpoint_every", self.checkpoint_every, 1)
-        _check_min("seed", self.seed, 0)
+        _check_int("max_tokens", self.max_tokens, minimum=1)
+        _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("max_length", self.max_length, minimum=16)
+        _check_int("self_max_new_tokens", self.self_max_new_tokens, minimum=1)
+        _check_int("lora_rank", self.lora_rank, minimum=1)
+        _check_int("warmup_steps", self.warmup_steps, minimum=0)
+        _check_int("eval_every", self.eval_every, minimum=0)
+        _check_int("n_eval", self.n_eval, minimum=1)
+        _check_int("checkpoint_every", self.checkpoint_every, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
         _check_choices(self)
         _check_float("lr", self.lr, low=0.0, high=1.0)
         _check_float("lora_alpha", self.lora_alpha, low=0.0)
