@@ -10,9 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from bonsai_prune.core.weights import parse_weights
-
 from bonsai_prune.config import PruneConfig, UtilityConfig
+from bonsai_prune.core.weights import parse_weights
 from bonsai_prune.study.validity import issue_variants, measure_validity
 
 

@@ -6,19 +6,31 @@ last number) reading local JSONL files. The packaged copy is gzipped and inside 
 whose location differs per install, so :func:`write_task` writes the YAML and the decompressed
 splits into one folder for ``--include_path``. Problems keep file order, so ``--limit N`` sees
 the same problems as ``bonsai-prune evaluate --limit N``.
+
+lm-eval's stock task draws different random exemplars for every problem and keeps the
+calculator annotations (``<<48/2=24>>``) in them, so its prompt is not the one
+``bonsai-prune evaluate --prompt plain --shots K`` writes. ``bonsai_gsm8k_plain`` (written
+beside it) is: the same K worked exemplars, in the same order, for every problem
+(``fewshot_config: first_n`` over an ``exemplars`` split), and otherwise the stock task
+(stops, strict-match, flexible-extract). On it both tools generate the same text, so their
+accuracies can be compared problem by problem (``scripts/lmeval_agreement.py``).
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
 
+from bonsai_prune.data.prompts import exemplars, worked_solution
 from bonsai_prune.rundir.files import atomic_write_text, make_readable
 
 TASK_NAME = "bonsai_gsm8k"
+SAME_PROMPT_TASK = "bonsai_gsm8k_plain"  # the prompt of `evaluate --prompt plain --shots K`
 SPLITS = ("train", "test")
+DEFAULT_SHOTS = 5  # lm-eval's gsm8k is 5-shot
 
 
 def task_template() -> str:
@@ -26,9 +38,37 @@ def task_template() -> str:
     return (Path(__file__).parent / "lmeval_tasks" / f"{TASK_NAME}.yaml").read_text("utf-8")
 
 
-def write_task(folder: str | Path) -> Path:
-    """Write ``bonsai_gsm8k.yaml`` and GSM8K train/test JSONL into ``folder``; return the folder
-    (give it to ``lm_eval --include_path``)."""
+def same_prompt_template(shots: int) -> str:
+    """The stock task turned into ``bonsai_gsm8k_plain``: our ``shots`` exemplars, first_n."""
+    if shots < 1:
+        raise ValueError(f"shots must be at least 1 for {SAME_PROMPT_TASK}, got {shots}")
+    text = task_template()
+    for old, new in (
+        (f"task: {TASK_NAME}\n", f"task: {SAME_PROMPT_TASK}\n"),
+        (
+            '    test: "{data_dir}/test.jsonl"\n',
+            f'    test: "{{data_dir}}/test.jsonl"\n    exemplars: "{{data_dir}}/exemplars_{shots}.jsonl"\n',
+        ),
+        (
+            "fewshot_split: train\n",
+            "fewshot_split: exemplars\nfewshot_config:\n  sampler: first_n\n",
+        ),
+        ("num_fewshot: 5\n", f"num_fewshot: {shots}\n"),
+    ):
+        if old not in text:  # the shipped template changed: fail loudly, not a silent stock task
+            raise RuntimeError(f"{TASK_NAME}.yaml has no {old.strip()!r} to rewrite")
+        text = text.replace(old, new, 1)
+    header = (
+        f"# {SAME_PROMPT_TASK}: the stock task with the {shots} fixed worked exemplars of\n"
+        f"# `bonsai-prune evaluate --prompt plain --shots {shots}` (see lmeval.py).\n"
+    )
+    return header + text[text.index(f"\ntask: {SAME_PROMPT_TASK}\n") + 1 :]
+
+
+def write_task(folder: str | Path, shots: int = DEFAULT_SHOTS) -> Path:
+    """Write ``bonsai_gsm8k.yaml``, ``bonsai_gsm8k_plain.yaml`` (``shots`` fixed exemplars) and
+    the GSM8K JSONL they read into ``folder``; return the folder (for ``lm_eval
+    --include_path``)."""
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
@@ -39,13 +79,25 @@ def write_task(folder: str | Path) -> Path:
             shutil.copyfileobj(f, out)
         make_readable(tmp)
         tmp.replace(target)
-    yaml = task_template().replace("{data_dir}", folder.as_posix())
-    atomic_write_text(folder / f"{TASK_NAME}.yaml", yaml)
+    shot_lines = [
+        json.dumps({"question": p.question, "answer": worked_solution(p)}) for p in exemplars(shots)
+    ]
+    atomic_write_text(folder / f"exemplars_{shots}.jsonl", "\n".join(shot_lines) + "\n")
+    for name, template in (
+        (TASK_NAME, task_template()),
+        (SAME_PROMPT_TASK, same_prompt_template(shots)),
+    ):
+        atomic_write_text(
+            folder / f"{name}.yaml", template.replace("{data_dir}", folder.as_posix())
+        )
     return folder
 
 
 def lm_eval_command(
-    model_folder: str | Path, task_folder: str | Path, limit: int | None = None
+    model_folder: str | Path,
+    task_folder: str | Path,
+    limit: int | None = None,
+    task: str = TASK_NAME,
 ) -> list[str]:
     """The ``lm_eval`` command line that scores ``model_folder`` on the offline task."""
     command = [
@@ -57,7 +109,7 @@ def lm_eval_command(
         "--include_path",
         str(Path(task_folder).resolve()),
         "--tasks",
-        TASK_NAME,
+        task,
         "--batch_size",
         "1",
     ]

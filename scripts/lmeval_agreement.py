@@ -1,0 +1,107 @@
+"""lm-evaluation-harness against `bonsai-prune evaluate`, same model, problems and prompt.
+
+Runs ``lm_eval`` on the offline ``bonsai_gsm8k_plain`` task (the stock GSM8K task with the
+fixed worked exemplars of ``evaluate --prompt plain --shots K``) and ``bonsai-prune evaluate
+--prompt plain --shots K`` on the same first N test problems, then reports: both tools'
+strict-match and flexible-extract accuracies with Wilson intervals, the share of problems where
+they generated the same text, and, on lm-eval's own generations, how often this project's strict
+rule agrees with lm-eval's strict-match. Needs ``pip install .[lmeval]``.
+
+    python scripts/lmeval_agreement.py --model default --limit 100 --out results/lmeval/dense
+    python scripts/lmeval_agreement.py --model runs/x/model --limit 100 --out results/lmeval/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bonsai_prune.core.metrics import flexible_accuracy, strict_accuracy
+from bonsai_prune.eval.stats import wilson_interval
+from bonsai_prune.export.lmeval import SAME_PROMPT_TASK, lm_eval_command, write_task
+from bonsai_prune.models.loading import dequantised_default
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="default", help="'default' or a model folder")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--shots", type=int, default=5)
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    folder = dequantised_default() if args.model == "default" else Path(args.model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    task = write_task(args.out / "task", shots=args.shots)
+
+    lm_dir = args.out / "lm_eval"
+    if not list(lm_dir.rglob(f"samples_{SAME_PROMPT_TASK}_*.jsonl")):
+        command = lm_eval_command(folder, task, limit=args.limit, task=SAME_PROMPT_TASK)
+        command[command.index("--model_args") + 1] += f",dtype={DTYPES[args.dtype]}"
+        command[command.index("--batch_size") + 1] = str(args.batch_size)
+        subprocess.run([*command, "--log_samples", "--output_path", str(lm_dir)], check=True)
+    ours_dir = args.out / "bonsai_prune"
+    if not (ours_dir / "summary.json").is_file():
+        subprocess.run(
+            ["bonsai-prune", "evaluate", "--model", args.model, "--prompt", "plain",
+             "--shots", str(args.shots), "--limit", str(args.limit), "--dtype", args.dtype,
+             "--batch-size", str(args.batch_size), "--quiet", "--out", str(ours_dir)],
+            check=True,
+        )  # fmt: skip
+    report = compare(lm_dir, ours_dir)
+    report.update(model=args.model, limit=args.limit, shots=args.shots, dtype=args.dtype)
+    (args.out / "agreement.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _lm_eval_samples(lm_dir: Path) -> dict[int, dict]:
+    """doc_id -> {"text", "strict-match", "flexible-extract"} from lm-eval's logged samples."""
+    path = sorted(lm_dir.rglob(f"samples_{SAME_PROMPT_TASK}_*.jsonl"))[-1]
+    samples: dict[int, dict] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        entry = samples.setdefault(row["doc_id"], {"text": row["resps"][0][0]})
+        entry[row["filter"]] = float(row["exact_match"])
+    return samples
+
+
+def _share(hits: list[float]) -> dict:
+    low, high = wilson_interval(sum(hits), len(hits))
+    return {"mean": sum(hits) / len(hits), "ci": [low, high], "n": len(hits)}
+
+
+def compare(lm_dir: Path, ours_dir: Path) -> dict:
+    """Both tools' accuracies, same-text share, and rule agreement on lm-eval's generations."""
+    lm = _lm_eval_samples(lm_dir)
+    ours = [json.loads(x) for x in (ours_dir / "generations.jsonl").read_text().splitlines()]
+    ours = [row for row in ours if row["index"] in lm]
+    same = [float(row["prediction"].strip() == lm[row["index"]]["text"].strip()) for row in ours]
+    # this project's rules on lm-eval's text (lm-eval cut it at "Question:": a finished solution)
+    ours_on_lm = [strict_accuracy(lm[r["index"]]["text"], r["reference"]) for r in ours]
+    lm_strict = [lm[r["index"]]["strict-match"] for r in ours]
+    flexible_on_lm = [flexible_accuracy(lm[r["index"]]["text"], r["reference"]) for r in ours]
+    lm_flexible = [lm[r["index"]]["flexible-extract"] for r in ours]
+    return {
+        "lm_eval_strict_match": _share(lm_strict),
+        "lm_eval_flexible_extract": _share(lm_flexible),
+        "bonsai_prune_strict": _share([row["accuracy_strict"] for row in ours]),
+        "bonsai_prune_flexible": _share([row["accuracy_flexible"] for row in ours]),
+        "same_generation": _share(same),
+        "strict_rule_agreement_on_lm_eval_text": _share(
+            [float(a == b) for a, b in zip(ours_on_lm, lm_strict, strict=True)]
+        ),
+        "flexible_rule_agreement_on_lm_eval_text": _share(
+            [float(a == b) for a, b in zip(flexible_on_lm, lm_flexible, strict=True)]
+        ),
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())
