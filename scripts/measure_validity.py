@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from bonsai_prune.config import PruneConfig, UtilityConfig
+from bonsai_prune.core.sampling import REMOVAL_COUNTS
 from bonsai_prune.core.weights import parse_weights
 from bonsai_prune.study.validity import issue_variants, measure_validity
 
@@ -23,6 +24,10 @@ def main() -> None:
     parser.add_argument("--weights", default="prob=40,lex=30,sem=30", help="the proposed default")
     parser.add_argument("--extra", action="append", default=[], help="more mixes to compare")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--removal-counts", default="varied", choices=REMOVAL_COUNTS)
+    parser.add_argument(
+        "--only", action="append", default=[], help="keep only these variants (by name)"
+    )
     parser.add_argument(
         "--no-gold", action="store_true", help="skip the 2-shot gold variant (a second generation)"
     )
@@ -32,11 +37,17 @@ def main() -> None:
         name="comprehensive", weights=parse_weights(args.weights), gen_tokens=args.gen_tokens
     )
     config = PruneConfig(
-        masks_per_round=args.masks, calib_samples=args.problems, seed=args.seed, utility=default
+        masks_per_round=args.masks,
+        calib_samples=args.problems,
+        seed=args.seed,
+        removal_counts=args.removal_counts,
+        utility=default,
     )
     variants = issue_variants(default)
     if args.no_gold:
         variants = [(name, u) for name, u in variants if u is None or u.reference != "gold"]
+    if args.only:
+        variants = [(name, u) for name, u in variants if name in args.only]
     for spec in args.extra:
         variants.append(
             (

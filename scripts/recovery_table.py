@@ -59,7 +59,7 @@ def main() -> None:
             run, rec = args.work / cell, args.work / f"{cell}-rec"
             step(
                 f"prune {cell}",
-                run / "model/structure.json",
+                run / "model/config.json",
                 [
                     "prune",
                     *UTILITIES[utility],

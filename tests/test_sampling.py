@@ -348,8 +348,8 @@ def test_varied_counts_are_drawn_per_module_not_once_per_mask():
     assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.15
 
 
-@pytest.mark.parametrize("removal_counts", ["fixed", "varied"])
-def test_both_modes_keep_fixed_units_complement_pairs_and_follow_the_prior(removal_counts):
+@pytest.mark.parametrize("removal_counts", ["fixed", "varied", "graded"])
+def test_every_mode_keep_fixed_units_complement_pairs_and_follow_the_prior(removal_counts):
     prior, module_index = layout((40, 40))
     fixed = fixed_units(prior, module_index, 0.25)
     masks = sample_masks(
@@ -362,6 +362,33 @@ def test_both_modes_keep_fixed_units_complement_pairs_and_follow_the_prior(remov
         candidates = (module_index == module) & ~fixed
         rho = spearmanr(prior[candidates].numpy(), frequency[candidates].numpy()).statistic
         assert rho < -0.9
+
+
+def _first_mask_counts(removal_counts: str, sizes: tuple[int, ...], pairs: int) -> torch.Tensor:
+    """(P, M) units the first mask of each pair removes per module."""
+    prior, module_index = layout(sizes)
+    fixed = fixed_units(prior, module_index, 0.25)
+    masks = sample_masks(
+        prior, fixed, module_index, 0.25, pairs, generator=gen(5), removal_counts=removal_counts
+    )
+    return torch.stack(
+        [(~masks[0::2][:, module_index == m]).sum(dim=1) for m in range(len(sizes))], dim=1
+    )
+
+
+def test_graded_counts_keep_the_mean_and_span_but_spread_the_totals():
+    sizes = (40,) * 12
+    varied = _first_mask_counts("varied", sizes, 2000).double()  # (P, M)
+    graded = _first_mask_counts("graded", sizes, 2000).double()
+    c = 20  # candidates per module: the top 1 - 2f = half are fixed
+    assert int(graded.min()) == 0 and int(graded.max()) == c
+    assert float(graded.mean()) == pytest.approx(c / 2, abs=0.3)
+    # a shared intensity: the total's sd grows by sqrt((M + 1) / 4) = 1.8 for M = 12 ...
+    ratio = float(graded.sum(1).std() / varied.sum(1).std())
+    assert 1.55 < ratio < 2.05
+    # ... while each module keeps a variation of its own (correlation ~ 1/2, not 1)
+    rho = float(torch.corrcoef(graded[:, :2].T)[0, 1])
+    assert 0.35 < rho < 0.65
 
 
 def test_varied_masks_depend_only_on_the_generator():

@@ -232,7 +232,8 @@ class PruneConfig(_JsonConfig):
     removal_counts: str = option(
         "varied",
         "units a sampled sub-model removes per module: varied (0 to all candidates, lets the "
-        "regression compare modules) or fixed (Bonsai's round(f*n))",
+        "regression compare modules), graded (varied plus an intensity shared by all modules "
+        "of a sub-model, so totals vary too) or fixed (Bonsai's round(f*n))",
         choices=REMOVAL_COUNTS,
         label="removal counts",
     )

@@ -89,7 +89,8 @@ def load_pruned(path: str | Path, device: str = "cpu"):
     model.tie_weights()
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    with _quiet_transformers():  # it reads config.json, whose bonsai_llama it need not know
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -110,6 +111,20 @@ def _family_config(folder: Path):
             "save the model again with this version of bonsai-prune"
         )
     return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' warnings off within the block (a remote-code config.json makes
+    AutoTokenizer warn about a model type it does not need)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 @contextmanager
