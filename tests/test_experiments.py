@@ -264,6 +264,9 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     assert "Paired differences from **random** (seed 0) on the same 2 problems" in report
     # one paired row (seed 0 only) of signed differences, besides the two seed rows
     assert len(re.findall(r"\| bonsai\+perplexity \| [+-]\d", report)) == 1
+    # the Bonsai cells' rounds recorded validity; the report shows it, one row per seed
+    assert "## Utility validity per round" in report
+    assert len(re.findall(r"\| bonsai\+perplexity \| 0.1 \| [01] \| \d+% / ", report)) == 2
     for name in ("accuracy", "udagger", "perplexity"):
         assert (out / f"{name}_vs_sparsity.png").stat().st_size > 1000
     assert (out / "layers_0.1.png").is_file() and (out / "layers_0.2.png").is_file()

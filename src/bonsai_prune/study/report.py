@@ -81,6 +81,7 @@ def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = N
     if layer_plots:
         lines += ["", "## Kept units per layer (main methods, first seed)", ""]
         lines += [f"![{name}]({name})" for name in layer_plots]
+    lines += _validity_table([c for c in grid.unique_cells()], records)
     lines += _failures(grid, records)
     lines += ["", "## Grid file", "", f"`{grid.path}`:", "", "```yaml", grid.text.rstrip(), "```"]
     lines += ["", "## Library versions", "", *_versions(records)]
@@ -157,6 +158,40 @@ def _row(label: str, seed: str, record: CellRecord) -> str:
     reached = 0.0 if record.dense else (record.prune_report or {}).get("sparsity")
     sparsity = _scaled(reached, 100)
     return "| " + " | ".join([label, seed, *cells, _fmt(sparsity, ".1f")]) + " |"
+
+
+def _validity_table(cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
+    """Per round of every pruned cell that recorded it: does its utility rank damage?"""
+    rows = []
+    for cell in cells:
+        rounds = (records[cell.key].prune_report or {}).get("rounds") or []
+        checks = [r["validity"] for r in rounds if r.get("validity")]
+        if not checks:
+            continue
+        per_round = "; ".join(
+            f"{100 * v['share_beaten']:.0f}% / {_fmt(v.get('rank_correlation'), '+.2f')} / "
+            f"{_fmt(v.get('held_out_r2'), '+.2f')}" + (" (prior)" if v.get("no_signal") else "")
+            for v in checks
+        )
+        flagged = sum(not v.get("informative", True) for v in checks)
+        rows.append(
+            f"| {cell.label} | {cell.prune_config.sparsity:g} | {cell.prune_config.seed} "
+            f"| {per_round} | {flagged} of {len(checks)} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Utility validity per round",
+        "",
+        "Each round: share of sub-models the unmasked model beats / Spearman rho of parameters "
+        "removed with score / the regression's held-out R^2; `(prior)`: no signal, the round "
+        "selected by the prior within each module. Flagged: rounds below 90% or above rho -0.3.",
+        "",
+        "| cell | sparsity | seed | per round | flagged |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
