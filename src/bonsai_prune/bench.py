@@ -242,9 +242,10 @@ def _speed_once(model, tokenizer, prompts: list[str], batch_size: int, decode_to
     }
 
 
-def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int = 3) -> dict:
-    """Prefill and greedy decode speed of each model, batch 1 and 8: the median of ``repeats``
-    rounds that visit every model in turn (interleaved, so a busy machine slows all alike)."""
+def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int = 5) -> dict:
+    """Prefill and greedy decode speed of each model, batch 1 and 8, in ``repeats`` rounds that
+    visit every model in turn (interleaved, so a busy machine slows all alike): per model and
+    batch size the median figures, and under ``"rounds"`` every round's (for ratios per round)."""
     from statistics import median
 
     from bonsai_prune.models import load_model
@@ -254,18 +255,44 @@ def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int =
     samples: dict = {name: {1: [], 8: []} for name in loaded}
     for model, tokenizer in loaded.values():  # warm-up
         _speed_once(model, tokenizer, prompts, 8, 3)
-    for _ in range(repeats):
-        for name, (model, tokenizer) in loaded.items():
+    for index in range(repeats):
+        # alternate the order too, so neither side always runs first after a pause
+        names = list(loaded) if index % 2 == 0 else list(reversed(loaded))
+        for name in names:
+            model, tokenizer = loaded[name]
             for batch_size in (1, 8):
                 samples[name][batch_size].append(
                     _speed_once(model, tokenizer, prompts, batch_size, decode_tokens)
                 )
     return {
         name: {
-            f"batch{b}": {key: median(s[key] for s in runs) for key in runs[0]}
-            for b, runs in by_batch.items()
+            **{
+                f"batch{b}": {key: median(s[key] for s in runs) for key in runs[0]}
+                for b, runs in by_batch.items()
+            },
+            "rounds": {f"batch{b}": runs for b, runs in by_batch.items()},
         }
         for name, by_batch in samples.items()
+    }
+
+
+MAX_RATIO_SPREAD = 0.25  # (max - min) / median of a ratio's rounds above this: not a result
+
+
+def ratio_over_rounds(pruned: list[dict], dense: list[dict], key: str) -> dict:
+    """``key``'s pruned/dense ratio in each round (both measured within it), summarised: the
+    median, the range, and whether the range is narrow enough to quote (``trusted``)."""
+    from statistics import median
+
+    ratios = sorted(p[key] / d[key] for p, d in zip(pruned, dense, strict=True))
+    middle = median(ratios)
+    spread = (ratios[-1] - ratios[0]) / middle if middle else float("inf")
+    return {
+        "median": middle,
+        "min": ratios[0],
+        "max": ratios[-1],
+        "rounds": len(ratios),
+        "trusted": spread <= MAX_RATIO_SPREAD,
     }
 
 
@@ -327,16 +354,17 @@ def bench_slicing(config: BenchConfig, workdir: Path) -> dict:
     dense = measured["dense"]
     for name in ("30", "50"):
         pruned = measured[name]
-        out[f"decode_speedup_at_{name}"] = {
-            f"batch{b}": pruned[f"batch{b}"]["decode_tokens_per_s"]
-            / dense[f"batch{b}"]["decode_tokens_per_s"]
-            for b in (1, 8)
-        }
-        out[f"prefill_speedup_at_{name}"] = {
-            f"batch{b}": pruned[f"batch{b}"]["prefill_tokens_per_s"]
-            / dense[f"batch{b}"]["prefill_tokens_per_s"]
-            for b in (1, 8)
-        }
+        for kind in ("decode", "prefill"):
+            spread = {
+                f"batch{b}": ratio_over_rounds(
+                    pruned["rounds"][f"batch{b}"],
+                    dense["rounds"][f"batch{b}"],
+                    f"{kind}_tokens_per_s",
+                )
+                for b in (1, 8)
+            }
+            out[f"{kind}_speedup_at_{name}"] = {b: r["median"] for b, r in spread.items()}
+            out[f"{kind}_speedup_spread_at_{name}"] = spread
         out[f"peak_rss_ratio_at_{name}"] = pruned["peak_rss_bytes"] / dense["peak_rss_bytes"]
         out[f"size_on_disk_ratio_at_{name}"] = (
             pruned["size_on_disk_bytes"] / dense["size_on_disk_bytes"]
@@ -420,16 +448,20 @@ def format_table(result: dict) -> str:
         rows.append((f"utility_rank_corr ({name})", f"{e['utility_rank_corr']:.3f}"))
     rows.append(("gemm_utilisation (vs peak of eval dtype)", f"{result['gemm_utilisation']:.2f}"))
     for name in ("30", "50"):
-        d, p = sl[f"decode_speedup_at_{name}"], sl[f"prefill_speedup_at_{name}"]
-        rows.append(
-            (f"decode_speedup_at_{name} (batch 1 / 8)", f"{d['batch1']:.2f}x / {d['batch8']:.2f}x")
-        )
-        rows.append(
-            (
-                f"prefill speed-up at {name}% (batch 1 / 8)",
-                f"{p['batch1']:.2f}x / {p['batch8']:.2f}x",
+        for kind, label in (
+            ("decode", f"decode_speedup_at_{name}"),
+            ("prefill", f"prefill speed-up at {name}%"),
+        ):
+            spread = sl.get(f"{kind}_speedup_spread_at_{name}")
+            rows.append(
+                (
+                    f"{label} (batch 1 / 8)",
+                    " / ".join(
+                        _ratio_text(sl[f"{kind}_speedup_at_{name}"][b], (spread or {}).get(b))
+                        for b in ("batch1", "batch8")
+                    ),
+                )
             )
-        )
         rows.append(
             (
                 f"peak RSS, size on disk at {name}% (pruned/dense)",
@@ -441,6 +473,14 @@ def format_table(result: dict) -> str:
     rows.append(("prune_peak_rss_over_inference", f"{pr['prune_peak_rss_over_inference']:.2f}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _ratio_text(value: float, spread: dict | None) -> str:
+    """'1.23x [1.18-1.30]', or the range marked as too wide to be a result."""
+    if spread is None:
+        return f"{value:.2f}x"
+    text = f"{value:.2f}x [{spread['min']:.2f}-{spread['max']:.2f}]"
+    return text if spread["trusted"] else f"{text} (spread too wide: not a result)"
 
 
 def _child(argv: list[str]) -> None:
