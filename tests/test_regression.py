@@ -110,20 +110,21 @@ def test_recovers_within_module_importances_from_antithetic_masks(method: str):
     assert 0 < fit.cv_error < 2 * NOISE**2
 
 
-def test_varied_counts_identify_which_module_matters_and_fixed_counts_do_not():
+def test_varied_and_graded_counts_identify_which_module_matters_and_fixed_counts_do_not():
     # module 1's units matter far more than module 0's: a selection that compares modules
     # must see it. Fixed counts centre each module's betas; varied counts recover the truth.
     generator = torch.Generator().manual_seed(5)
     true_beta = torch.where(MODULE_INDEX == 1, 1.0, 0.1).double()
     true_beta += 0.05 * torch.randn(N_UNITS, generator=generator, dtype=torch.float64)
     gaps = {}
-    for design in ("fixed", "varied"):
+    for design in ("fixed", "varied", "graded"):
         masks = sampled_masks(design, generator)
         fit = fit_importance(masks, noisy_utility(masks, true_beta, generator))
         means = module_means(fit.beta)
         gaps[design] = float(means[1] - means[0])
     assert abs(gaps["fixed"]) < 0.2  # true gap 0.9: invisible to the fixed-count design
     assert 0.6 < gaps["varied"] < 1.2
+    assert 0.6 < gaps["graded"] < 1.2  # the shared intensity keeps module effects estimable
 
 
 @pytest.mark.parametrize("method", METHODS)

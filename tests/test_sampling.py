@@ -322,7 +322,7 @@ def test_both_masks_of_a_pair_remove_round_f_n_at_a_decimal_half():
     assert (~masks).sum(dim=1).tolist() == [exact_removals(90, 0.35)] * 4
 
 
-# --- varied removal counts (the default) -----------------------------------------------------
+# --- varied and graded removal counts (graded is the default) -----------------------------------------------------
 
 
 def test_varied_counts_span_zero_to_every_candidate_with_mean_half():

@@ -230,10 +230,10 @@ class PruneConfig(_JsonConfig):
     )
     regression: str = option("ridge", "regression of utility on masks", choices=REGRESSIONS)
     removal_counts: str = option(
-        "varied",
-        "units a sampled sub-model removes per module: varied (0 to all candidates, lets the "
-        "regression compare modules), graded (varied plus an intensity shared by all modules "
-        "of a sub-model, so totals vary too) or fixed (Bonsai's round(f*n))",
+        "graded",
+        "units a sampled sub-model removes per module: graded (half an intensity shared by the "
+        "sub-model's modules, half each module's own draw: totals and modules both vary), "
+        "varied (0 to all candidates, independently per module) or fixed (Bonsai's round(f*n))",
         choices=REMOVAL_COUNTS,
         label="removal counts",
     )

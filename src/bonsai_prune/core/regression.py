@@ -13,8 +13,9 @@ A caveat of Bonsai's design: when every mask keeps the same number of a module's
 constant to all of a module's betas changes no prediction, so the data fix beta only within
 each module. Ridge resolves this with its minimum-norm solution (each module's betas centred,
 roughly); lasso with whichever sparse solution its path reaches. Cross-module comparisons of
-beta then rest on that choice, not on the data. The default ``removal_counts="varied"`` draws
-the count per mask and module, which makes the module-level effects estimable too.
+beta then rest on that choice, not on the data. ``removal_counts="varied"`` and the default
+``"graded"`` draw the count per mask and module, which makes the module-level effects
+estimable too.
 
 Paper: Dery et al., "Everybody Prune Now", https://arxiv.org/abs/2402.05406 (section 3.2).
 """

@@ -15,12 +15,12 @@ How many units ``k`` a mask removes from a module (``removal_counts``):
   the regression cannot tell a module whose units all matter from one whose units matter
   little: adding a constant to all of a module's betas changes no prediction, and the global
   selection ends up cutting every layer by about the same amount.
-- ``"varied"`` (default): ``k`` is drawn uniformly from ``0..c`` (c candidates, mean ``c / 2``,
+- ``"varied"``: ``k`` is drawn uniformly from ``0..c`` (c candidates, mean ``c / 2``,
   which is ``round(f * n)`` when the priors leave ``2 round(f n)`` candidates) independently for
   each pair and module. The totals per module now vary from mask to mask, so the regression
   also learns which *modules* the utility depends on, and selection can cut the layers that
   matter least harder than the others.
-- ``"graded"``: as ``varied``, but each pair also draws an intensity ``t ~ U(0, 1)`` shared by
+- ``"graded"`` (default): as ``varied``, but each pair also draws an intensity ``t ~ U(0, 1)`` shared by
   all modules, and module m removes ``round(c_m * (t + v_m) / 2)`` with ``v_m ~ U(0, 1)`` its
   own (same mean ``c / 2``). Under ``varied`` the first mask's total is a sum of independent
   per-module draws and its partner's is the rest, so totals barely vary within a round (about
@@ -28,7 +28,10 @@ How many units ``k`` a mask removes from a module (``removal_counts``):
   neither the regression nor the validity check sees how the score falls with the amount of
   damage. The shared intensity multiplies the totals' spread by sqrt((M + 1) / 4) over M
   equal modules (2.8x for SmolLM2's 30 MLPs) while half of each module's variance stays its
-  own, so module-level effects remain estimable.
+  own, so module-level effects remain estimable. Round 1 on the packaged model (32 x 8):
+  the regression's held-out R^2 rises from -0.04 to 0.58 (perplexity) and the rank
+  correlation of damage with score from -0.04 to -0.89; at 20% sparsity the held-out
+  reference perplexity falls from 8.41 to 6.50 (dense 3.82).
 
 Paper: Dery et al., "Everybody Prune Now", https://arxiv.org/abs/2402.05406 (section 3.2).
 """
