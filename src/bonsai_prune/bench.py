@@ -9,7 +9,10 @@ Every ratio compares two measurements taken in the same run on the same machine:
 * decode/prefill speed, memory and size of sliced models against the dense one. Speed depends
   only on the shapes, so the 30% and 50% models are sliced at random units under the same
   parameter budget Bonsai uses (measuring a Bonsai-chosen model of the same shapes is equal);
-* the wall time and peak memory of a real pruning run against plain inference.
+* the wall time and peak memory of a real pruning run against plain inference;
+* the time to 50% sparsity with Bonsai's own budget (5% per round, 200 sub-models, 8
+  problems, perplexity), *projected* from the measured cost of one evaluation, the prior and a
+  ridge fit of that size (``project_search``), against the bound its FLOPs set at the peak.
 
 Memory is each child process's own peak (VmHWM), so each figure is that job's alone. Timed
 comparisons alternate their two sides, so a busy machine slows both alike.
@@ -18,6 +21,7 @@ comparisons alternate their two sides, so a busy machine slows both alike.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -187,7 +191,83 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
             hidden, vocab = fast_model.config.hidden_size, fast_model.config.vocab_size
             flops = 2 * params * tokens + 2 * hidden * vocab * batch.n_target_tokens
             figures[name]["model_gflops_per_s"] = flops * len(masks) / fast_s / 1e9
+            figures[name]["body_flops_per_eval"] = 2 * params * tokens
+            figures[name]["head_flops_per_eval"] = 2 * hidden * vocab * batch.n_target_tokens
+    figures["round_overhead"] = _round_overhead(adapter, fast_model, batch, generator)
     return figures
+
+
+def _round_overhead(adapter, model, batch, generator) -> dict:
+    """Seconds a round spends outside sub-model evaluation at Bonsai's budget: the prior's
+    forward passes (on ``batch``) and a ridge fit on Bonsai's 200 masks over the candidates
+    that a 5% round leaves (random data: the fit's cost depends only on the shape)."""
+    from bonsai_prune.core.priors import fixed_units
+    from bonsai_prune.core.regression import fit_importance
+    from bonsai_prune.methods.forward import unit_prior
+
+    layout = adapter.layout(model)
+    prior, prior_s = _timed(lambda: unit_prior(adapter, model, batch, "wanda", generator))
+    n_candidates = int(
+        (~fixed_units(prior, layout.module_index, BONSAI_BUDGET["prune_fraction"])).sum()
+    )
+    masks = torch.rand((BONSAI_BUDGET["masks_per_round"], n_candidates), generator=generator) < 0.5
+    scores = torch.randn(masks.shape[0], generator=generator, dtype=torch.float64)
+    _, regression_s = _timed(lambda: fit_importance(masks, scores))
+    return {
+        "prior_s": prior_s,
+        "prior_problems": int(batch.input_ids.shape[0]),
+        "regression_s": regression_s,
+        "n_candidates": n_candidates,
+    }
+
+
+BONSAI_BUDGET = {
+    "sparsity": 0.5,
+    "prune_fraction": 0.05,
+    "masks_per_round": 200,
+    "calib_samples": 8,
+}
+
+
+def project_search(
+    seconds_per_eval: float,
+    problems_measured: int,
+    body_flops: float,
+    head_flops: float,
+    peak_flops_per_s: float,
+    overhead: dict,
+    budget: dict = BONSAI_BUDGET,
+) -> dict:
+    """Time to prune to ``budget["sparsity"]`` with Bonsai's budget, projected from measured
+    per-evaluation and per-round costs, and the lower bound the evaluations' FLOPs set at the
+    measured matmul peak.
+
+    Round r (0-based) starts with ``1 - r * prune_fraction`` of the non-embedding parameters;
+    the body's share of an evaluation's cost shrinks with them, the LM head's does not. Costs
+    measured on ``problems_measured`` calibration problems scale linearly to the budget's.
+    """
+    rounds = math.ceil(round(budget["sparsity"] / budget["prune_fraction"], 9))
+    per_problem = budget["calib_samples"] / problems_measured
+    prior_scale = budget["calib_samples"] / overhead["prior_problems"]
+    total = bound = evaluation = 0.0
+    for r in range(rounds):
+        left = 1 - r * budget["prune_fraction"]
+        share = (body_flops * left + head_flops) / (body_flops + head_flops)
+        evals = budget["masks_per_round"] * seconds_per_eval * per_problem * share
+        evaluation += evals
+        total += evals + overhead["prior_s"] * prior_scale * left + overhead["regression_s"]
+        bound += budget["masks_per_round"] * (body_flops * left + head_flops) * per_problem
+    bound /= peak_flops_per_s
+    return {
+        "budget": dict(budget),
+        "rounds": rounds,
+        "evaluations": rounds * budget["masks_per_round"],
+        "projected_s": total,
+        "projected_evaluation_s": evaluation,
+        "flops_lower_bound_s": bound,
+        "projected_over_lower_bound": total / bound,
+        "projected": True,
+    }
 
 
 # ---- decode, prefill, memory, size: dense vs sliced ---------------------------------------
@@ -408,6 +488,15 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     )
     result["gemm_utilisation"] = achieved / peaks[fast_dtype]
     result["gemm_utilisation_vs_bf16_peak"] = achieved / peaks["bf16"]
+    ppl = result["evaluation"]["perplexity"]
+    result["bonsai_budget"] = project_search(
+        ppl["fast_s_per_eval"],
+        config.calib_samples,
+        ppl["body_flops_per_eval"],
+        ppl["head_flops_per_eval"],
+        peaks[fast_dtype] * 1e9,
+        result["evaluation"]["round_overhead"],
+    )
     with tempfile.TemporaryDirectory() as tmp:
         result["slicing"] = bench_slicing(config, Path(tmp))
         result["pruning"] = bench_pruning(config, Path(tmp))
@@ -466,6 +555,16 @@ def format_table(result: dict) -> str:
             (
                 f"peak RSS, size on disk at {name}% (pruned/dense)",
                 f"{sl[f'peak_rss_ratio_at_{name}']:.2f}, {sl[f'size_on_disk_ratio_at_{name}']:.2f}",
+            )
+        )
+    if "bonsai_budget" in result:
+        b = result["bonsai_budget"]
+        rows.append(
+            (
+                "time to 50%, Bonsai's budget (perplexity; projected)",
+                f"{b['projected_s'] / 60:.1f} min for {b['evaluations']} evaluations in "
+                f"{b['rounds']} rounds, {b['projected_over_lower_bound']:.1f}x the FLOP bound "
+                f"({b['flops_lower_bound_s'] / 60:.1f} min)",
             )
         )
     phases = ", ".join(f"{k} {v:.0f}" for k, v in pr["prune_phase_s"].items())
