@@ -217,6 +217,12 @@ class PruneConfig(_JsonConfig):
         0.1, "fraction of the original parameters removed per round", aliases=("--prune-frac",)
     )
     masks_per_round: int = option(32, "sub-models sampled per round (antithetic pairs)")
+    stop_agreement: float = option(
+        0.0,
+        "end a round's sampling once two successive checks would remove units that agree this "
+        "much (Jaccard, e.g. 0.9): --masks-per-round becomes a maximum; 0: score them all",
+    )
+    masks_per_check: int = option(8, "sub-models scored between two stability checks (even)")
     masks_per_forward: int = option(8, "sub-models batched into one forward or generation")
     calib_samples: int = option(8, "calibration problems each sub-model is scored on")
     seed: int = option(0, "seed of every random choice of the run")
@@ -249,7 +255,13 @@ class PruneConfig(_JsonConfig):
             object.__setattr__(self, "utility", UtilityConfig.from_dict(self.utility))
         _check_fraction("sparsity", self.sparsity, hint="e.g. --sparsity 0.5")
         _check_fraction("prune fraction", self.prune_fraction, hint="e.g. --prune-fraction 0.1")
-        for name in ("masks_per_round", "masks_per_forward", "calib_samples", "seed"):
+        for name in (
+            "masks_per_round",
+            "masks_per_forward",
+            "calib_samples",
+            "seed",
+            "masks_per_check",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
@@ -258,6 +270,11 @@ class PruneConfig(_JsonConfig):
                 "masks per round must be an even number >= 2 (antithetic pairs), "
                 f"got {self.masks_per_round}"
             )
+        if self.masks_per_check < 2 or self.masks_per_check % 2:
+            raise ConfigError(
+                f"masks per check must be an even number >= 2, got {self.masks_per_check}"
+            )
+        _check_float("stop_agreement", self.stop_agreement, low=0.0, high=1.0, open_low=False)
         if self.masks_per_forward < 1:
             raise ConfigError(f"masks per forward must be at least 1, got {self.masks_per_forward}")
         if self.calib_samples < 1:

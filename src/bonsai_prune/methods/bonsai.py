@@ -68,7 +68,9 @@ class RoundResult:
     # share_beaten, rank_correlation, held_out_r2, constant, no_signal, informative
     # (utility/validity.py), and selected_by: "regression" or "prior" (the no-signal fallback)
     validity: dict
-    masks: torch.Tensor  # (N, U) bool keep masks sampled
+    # n_scored, stopped ("stable" or "budget"), agreements: Jaccard of successive checks
+    sampling: dict
+    masks: torch.Tensor  # (N, U) bool keep masks scored
     scores: torch.Tensor  # (N,) utility of each mask (non-finite replaced)
     candidates: torch.Tensor  # (U,) bool units that were sampled
     beta: torch.Tensor  # (U,) importance; +inf for fixed units
@@ -105,6 +107,51 @@ def replace_failures(scores: torch.Tensor) -> tuple[torch.Tensor, int]:
         )
     worst = scores[~failed].min()
     return torch.where(failed, worst, scores), n_failed
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a & b| / |a | b| of two bool sets (U,); 1 when both are empty."""
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 1.0
+
+
+def score_until_stable(
+    masks: torch.Tensor,
+    score: Callable[[torch.Tensor], torch.Tensor],
+    decide: Callable,
+    config: PruneConfig,
+) -> tuple[torch.Tensor, dict]:
+    """Scores (n,) of the first n masks (N, U), and how sampling ended.
+
+    With ``config.stop_agreement`` 0 every mask is scored. Otherwise masks are scored
+    ``masks_per_check`` at a time (whole antithetic pairs) and after each batch the round's
+    selection is decided on what was scored so far; sampling ends
+    when the units removed by two successive selections agree (Jaccard) at least
+    ``stop_agreement``, or at ``masks_per_round``. The masks were all drawn up front, so the
+    first n are those a full round would score: stopping changes how many, never which.
+    """
+    if not config.stop_agreement:
+        return score(masks), {"n_scored": masks.shape[0], "stopped": "budget", "agreements": []}
+    step = config.masks_per_check
+    parts, agreements, previous = [], [], None
+    for start in range(0, masks.shape[0], step):
+        parts.append(score(masks[start : start + step]))
+        scored = torch.cat(parts)
+        if scored.numel() == masks.shape[0]:
+            break  # nothing left to save
+        clean, _ = replace_failures(scored)
+        removed = ~decide(masks[: scored.numel()], clean)[3].keep  # (U,)
+        if previous is not None:
+            agreements.append(jaccard(previous, removed))
+            if agreements[-1] >= config.stop_agreement:
+                return scored, {
+                    "n_scored": scored.numel(),
+                    "stopped": "stable",
+                    "agreements": agreements,
+                }
+        previous = removed
+    scored = torch.cat(parts)
+    return scored, {"n_scored": scored.numel(), "stopped": "budget", "agreements": agreements}
 
 
 def run_round(
@@ -152,29 +199,37 @@ def run_round(
 
     with torch.no_grad():
         utility_before = float(utility(model, batch))
-    raw_scores = score(adapter, model, utility, batch, masks, config.masks_per_forward, progress)
+    candidates = ~fixed
+    costs, shared = selection_costs(adapter, model)
+    floors = min_keep_per_module(adapter, layout, config.allow_empty_modules)
+    tiebreak = prior_tiebreak(prior, module_index)
+
+    def decide(masks: torch.Tensor, scores: torch.Tensor):
+        """Regress the scores on the masks and select the round's units to remove."""
+        fit = fit_importance(masks[:, candidates], scores, method=config.regression)
+        removed = removed_parameters(masks, adapter.unit_costs(model))  # (N,)
+        validity = measure_validity(
+            utility_before, scores, removed, fit.cv_error, fit.at_max_penalty
+        )
+        beta = torch.full((layout.n_units,), math.inf, dtype=torch.float64)
+        # no signal: every candidate ties and the prior's rank within its module decides
+        beta[candidates] = 0.0 if validity.no_signal else fit.beta.double()
+        selection = select_units(
+            beta, costs, budget, module_index, floors, shared=shared, tiebreak=tiebreak
+        )
+        return fit, validity, beta, selection
+
+    def score_some(some: torch.Tensor) -> torch.Tensor:
+        return score(adapter, model, utility, batch, some, config.masks_per_forward, progress)
+
+    raw_scores, stopping = score_until_stable(masks, score_some, decide, config)
+    masks = masks[: raw_scores.numel()]
     scores, n_failed = replace_failures(raw_scores)
     lap("evaluation")
 
-    candidates = ~fixed
-    fit = fit_importance(masks[:, candidates], scores, method=config.regression)
-    removed = removed_parameters(masks, adapter.unit_costs(model))  # (N,)
-    validity = measure_validity(utility_before, scores, removed, fit.cv_error, fit.at_max_penalty)
-    beta = torch.full((layout.n_units,), math.inf, dtype=torch.float64)
-    # no signal: every candidate ties and the prior's rank within its module decides
-    beta[candidates] = 0.0 if validity.no_signal else fit.beta.double()
+    fit, validity, beta, selection = decide(masks, scores)
     if (message := validity.warning(index)) is not None:
         warnings.warn(message, UtilityWarning, stacklevel=2)
-    costs, shared = selection_costs(adapter, model)
-    selection = select_units(
-        beta,
-        costs,
-        budget,
-        module_index,
-        min_keep_per_module(adapter, layout, config.allow_empty_modules),
-        shared=shared,
-        tiebreak=prior_tiebreak(prior, module_index),
-    )
     lap("regression")
 
     if bool(selection.keep.all()):
@@ -203,6 +258,7 @@ def run_round(
             **validity.to_dict(),
             "selected_by": "prior" if validity.no_signal else "regression",
         },
+        sampling=stopping,
         masks=masks,
         scores=raw_scores,
         candidates=candidates,
