@@ -88,6 +88,4 @@ def test_a_round_that_stops_early_reaches_the_target_and_records_why(tokenizer):
     sampling = [r["sampling"] for r in early.round_figures]
     assert all(s["stopped"] in ("stable", "budget") for s in sampling)
     assert all(4 <= s["n_scored"] <= 16 and s["n_scored"] % 4 == 0 for s in sampling)
-    assert [r["sampling"]["n_scored"] for r in full.round_figures] == [16] * len(
-        full.round_figures
-    )
+    assert [r["sampling"]["n_scored"] for r in full.round_figures] == [16] * len(full.round_figures)

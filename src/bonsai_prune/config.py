@@ -234,7 +234,12 @@ class PruneConfig(_JsonConfig):
         label="unit kind",
         aliases=("--units",),
     )
-    regression: str = option("ridge", "regression of utility on masks", choices=REGRESSIONS)
+    regression: str = option(
+        "ridge",
+        "regression of utility on masks: ridge or lasso over the units, or modules (ridge over "
+        "each module's share kept, spread over its units by the prior)",
+        choices=REGRESSIONS,
+    )
     removal_counts: str = option(
         "graded",
         "units a sampled sub-model removes per module: graded (half an intensity shared by the "

@@ -28,7 +28,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-REGRESSIONS = ("ridge", "lasso")
+FITS = ("ridge", "lasso")  # what ``fit_importance`` fits
+# what a round's importance may come from: a fit over the units, or ridge over modules with the
+# prior within each (``core/allocation.py``)
+REGRESSIONS = (*FITS, "modules")
 RIDGE_GRID = tuple(np.logspace(-3, 2, 11))  # times the design's mean eigenvalue, see below
 LASSO_GRID = tuple(np.logspace(-3, 0, 13))  # times the smallest alpha that zeroes every beta
 LASSO_MAX_ITER = 5000
@@ -71,8 +74,8 @@ def fit_importance(
     from sklearn.linear_model import LassoCV, RidgeCV  # deferred: a slow import
     from sklearn.model_selection import GroupKFold
 
-    if method not in REGRESSIONS:
-        raise ValueError(f"unknown regression {method!r}; choose one of: {', '.join(REGRESSIONS)}")
+    if method not in FITS:
+        raise ValueError(f"unknown regression {method!r}; choose one of: {', '.join(FITS)}")
     if masks.dim() != 2 or scores.dim() != 1 or masks.shape[0] != scores.shape[0]:
         raise ValueError(
             f"masks must be (N, C) and scores (N,), got {tuple(masks.shape)} and "

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bonsai_prune.config import PruneConfig
+from bonsai_prune.core.allocation import module_design, module_importance
 from bonsai_prune.core.budget import (
     check_reachable,
     min_keep_per_module,
@@ -201,19 +202,28 @@ def run_round(
         utility_before = float(utility(model, batch))
     candidates = ~fixed
     costs, shared = selection_costs(adapter, model)
+    unit_costs = adapter.unit_costs(model)  # (U,) K/V shared evenly: for designs and validity
     floors = min_keep_per_module(adapter, layout, config.allow_empty_modules)
     tiebreak = prior_tiebreak(prior, module_index)
 
     def decide(masks: torch.Tensor, scores: torch.Tensor):
         """Regress the scores on the masks and select the round's units to remove."""
-        fit = fit_importance(masks[:, candidates], scores, method=config.regression)
-        removed = removed_parameters(masks, adapter.unit_costs(model))  # (N,)
+        if config.regression == "modules":
+            design, modules = module_design(masks, candidates, module_index, unit_costs)
+            fit = fit_importance(design, scores, method="ridge")
+        else:
+            fit = fit_importance(masks[:, candidates], scores, method=config.regression)
+        removed = removed_parameters(masks, unit_costs)  # (N,)
         validity = measure_validity(
             utility_before, scores, removed, fit.cv_error, fit.at_max_penalty
         )
         beta = torch.full((layout.n_units,), math.inf, dtype=torch.float64)
-        # no signal: every candidate ties and the prior's rank within its module decides
-        beta[candidates] = 0.0 if validity.no_signal else fit.beta.double()
+        if validity.no_signal:  # every candidate ties and the prior's rank in its module decides
+            beta[candidates] = 0.0
+        elif config.regression == "modules":
+            beta = module_importance(fit.beta, modules, candidates, module_index, unit_costs, prior)
+        else:
+            beta[candidates] = fit.beta.double()
         selection = select_units(
             beta, costs, budget, module_index, floors, shared=shared, tiebreak=tiebreak
         )
