@@ -237,7 +237,7 @@ class PruneConfig(_JsonConfig):
     regression: str = option(
         "ridge",
         "regression of utility on masks: ridge or lasso over the units, or modules (ridge over "
-        "each module's share kept, spread over its units by the prior)",
+        "each module's share kept, spread over its units by the prior; measured worse at 20%)",
         choices=REGRESSIONS,
     )
     removal_counts: str = option(

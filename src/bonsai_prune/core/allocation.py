@@ -13,6 +13,14 @@ prior (a unit's share of the module's prior mass, per parameter), so the selecti
 up from the lowest score under a parameter budget, removes first the units whose loss costs
 the least utility per parameter freed: across modules by the data, within a module by the
 prior.
+
+Measured (packaged model, perplexity, 20% sparsity, 32 x 8, graded sampling; held-out
+reference perplexity on the first 200 GSM8K test problems, `scripts/heldout_ppl.py`): the
+module regression predicts held-out sub-models far better (R^2 0.79 and 0.75 in rounds 1-2,
+against 0.58 and 0.37 for ridge over units), yet its pruned model is worse: 10.28 against
+6.50 (dense 3.82). It cuts heads hard (5-7 of 9 left per layer): a linear model fitted on
+sub-models that lose at most two heads per layer under-predicts what losing them all costs.
+Not the default; kept to study the allocation.
 """
 
 from __future__ import annotations
