@@ -143,3 +143,13 @@ def test_a_registered_name_appears_in_help_without_touching_the_cli():
         assert "shiny" in help_text()
     finally:
         METHODS._entries.pop("shiny")  # noqa: SLF001 (undo the registration for other tests)
+
+
+def test_every_commands_help_renders():
+    """argparse %-formats help texts: a stray "%" in a config's help must not break --help."""
+    from bonsai_prune.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    for name, parser in commands.items():
+        assert parser.format_help(), name
+    assert "20%" in commands["prune"].format_help()  # the regression's help quotes a measurement

@@ -81,7 +81,9 @@ def add_config_options(
             continue
         meta = f.metadata
         flags = [f"--{meta.get('flag', f.name).replace('_', '-')}", *meta.get("aliases", ())]
-        kwargs: dict[str, Any] = {"dest": _dest(prefix, f.name), "help": meta.get("help", "")}
+        # argparse %-formats help: a literal "%" in a config's help text must reach it as "%%"
+        text = meta.get("help", "").replace("%", "%%")
+        kwargs: dict[str, Any] = {"dest": _dest(prefix, f.name), "help": text}
         if _scalar_type(f.type) is not bool and "choices" not in meta:
             kwargs["metavar"] = meta.get("flag", f.name).upper()
         kind = _scalar_type(f.type)
@@ -90,11 +92,11 @@ def add_config_options(
             continue
         if "parse" in meta:
             shown = _PARSERS[meta["parse"]][1](default)
-            kwargs["help"] += f" (default: {shown})"
+            kwargs["help"] += f" (default: {shown})".replace("%", "%%")
             parser.add_argument(*flags, default=shown, **kwargs)
             continue
         if "registry" in meta:
-            names = ", ".join(_registry(meta["registry"]).names())
+            names = ", ".join(_registry(meta["registry"]).names()).replace("%", "%%")
             kwargs["help"] = f"{kwargs['help']} (one of: {names})"
         elif "choices" in meta:
             kwargs["choices"] = list(meta["choices"])
