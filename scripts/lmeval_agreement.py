@@ -91,8 +91,13 @@ def compare(lm_dir: Path, ours_dir: Path) -> dict:
     return {
         "lm_eval_strict_match": _share(lm_strict),
         "lm_eval_flexible_extract": _share(lm_flexible),
-        "bonsai_prune_strict": _share([row["accuracy_strict"] for row in ours]),
-        "bonsai_prune_flexible": _share([row["accuracy_flexible"] for row in ours]),
+        # scored again with this version's rules, so a saved run reports what the rules say now
+        "bonsai_prune_strict": _share(
+            [strict_accuracy(r["prediction"], r["reference"], r["finished"]) for r in ours]
+        ),
+        "bonsai_prune_flexible": _share(
+            [flexible_accuracy(r["prediction"], r["reference"], r["finished"]) for r in ours]
+        ),
         "same_generation": _share(same),
         "strict_rule_agreement_on_lm_eval_text": _share(
             [float(a == b) for a, b in zip(ours_on_lm, lm_strict, strict=True)]

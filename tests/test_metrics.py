@@ -80,6 +80,8 @@ def test_find_numbers_reads_separators_and_currency() -> None:
         ("The final answer is 12", "12"),
         ("Answer: -4 and 7", "-4"),
         ("answer: 3. Later the answer is 8", "3"),  # what it went on to write does not count
+        # '####' outranks a phrase written on the way (a pruned model's output, lm-eval agrees)
+        ("The answer is 15 / 2 = 7.\nThe total.\n#### 25\n\n", "25"),
         ("The answer is:\n5 apples, so 7", "7"),  # no number on the marker's line: last number
         ("she has 3 then 4 then 5 apples", "5"),  # a finished solution: its last number
         ("24 clips ####", "24"),  # marker without a number falls through

@@ -71,15 +71,20 @@ def find_numbers(text: str) -> list[str]:
 def extract_strict(output: str, finished: bool = True) -> str | None:
     """The answer ``output`` states, as a number string, or None (lm-evaluation-harness strict-match).
 
-    1. the number right after the first answer marker ('####', "the answer is", "answer:") on
-       the marker's own line (a marker without a number on its line is skipped);
-    2. else, only if the solution is ``finished`` (it ended by itself, not at the token cap),
+    1. the number right after the first '####' on its own line, as lm-evaluation-harness's
+       strict-match reads it: '####' is the format GSM8K and the k-shot exemplars ask for, so it
+       outranks a phrase the model wrote on the way ("The answer is 15 / 2 = 7. ... #### 25");
+    2. else the number after the first phrase marker ("the answer is", "answer:") on its line,
+       the way chat models state an answer (a marker without a number on its line is skipped);
+    3. else, only if the solution is ``finished`` (it ended by itself, not at the token cap),
        its last number: a finished solution's last number is its conclusion, a cut-off one's is
        whatever step it had reached.
-    The *first* marker decides, because a model that goes on after stating its answer (a made-up
-    next question, a second attempt) must not be credited for what it wrote afterwards.
+    The *first* marker of a kind decides, because a model that goes on after stating its answer
+    (a made-up next question, a second attempt) must not be credited for what it wrote afterwards.
     """
-    for marker in _ANSWER_MARKER.finditer(output):
+    markers = list(_ANSWER_MARKER.finditer(output))
+    hashes = [marker for marker in markers if marker.group() == "####"]
+    for marker in hashes + [marker for marker in markers if marker.group() != "####"]:
         line = output[marker.end() :].split("\n", 1)[0]
         numbers = find_numbers(line)
         if numbers:
