@@ -222,3 +222,18 @@ def test_lora_merges_into_a_plain_pruned_model(parent_and_run, tmp_path):
     assert math.isfinite(
         json.loads((tmp_path / "out" / "report.json").read_text())["history"][-1]["loss"]
     )
+
+
+def test_recover_and_export_run_from_the_command_line(parent_and_run, tmp_path, capsys):
+    # both commands take a positional RUN: it must not shadow the command's handler
+    from bonsai_prune.cli import main
+
+    _, run = parent_and_run
+    options = [f"--{key.replace('_', '-')}={value}" for key, value in FAST.items()]
+    assert main(["recover", str(run), "--out", str(tmp_path / "rec"), "--quiet", *options]) == 0
+    assert json.loads((tmp_path / "rec" / "report.json").read_text())["complete"] is True
+    out = tmp_path / "task"
+    assert (
+        main(["export", str(tmp_path / "rec"), "--format", "lm-eval-task", "--out", str(out)]) == 0
+    )
+    assert str(tmp_path / "rec") in capsys.readouterr().out and any(out.rglob("*.yaml"))

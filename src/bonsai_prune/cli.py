@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the closing check (held-out perplexity and decode speed, dense vs pruned)",
     )
-    p.set_defaults(run=_cmd_prune)
+    p.set_defaults(handler=_cmd_prune)
 
     p = commands.add_parser("recover", help="distil a pruned run from its dense parent")
     p.add_argument("run", help="run directory of a pruned model (bonsai-prune prune --out)")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_cmd_recover)
+    p.set_defaults(handler=_cmd_recover)
 
     p = commands.add_parser(
         "export", help="write a pruned model for other runtimes: llama.cpp GGUF, lm-eval task"
@@ -74,19 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="gguf", choices=["gguf", "lm-eval-task"])
     p.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="GGUF weight type")
     p.add_argument("--out", required=True, help="the .gguf file, or the task folder")
-    p.set_defaults(run=_cmd_export)
+    p.set_defaults(handler=_cmd_export)
 
     p = commands.add_parser("score", help="score predictions against references with U†")
     p.add_argument("input", help='JSONL lines of {"prediction", "reference"}')
     add_config_options(p, UtilityConfig, only=SCORE_FIELDS)
     p.add_argument("--out", default=None, help="write one JSON object of scores per input line")
-    p.set_defaults(run=_cmd_score)
+    p.set_defaults(handler=_cmd_score)
 
     p = commands.add_parser("evaluate", help="GSM8K evaluation of a dense or pruned model")
     add_config_options(p, EvalConfig)
     p.add_argument("--out", required=True, help="directory for summary.json and generations.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(run=_cmd_evaluate)
+    p.set_defaults(handler=_cmd_evaluate)
 
     p = commands.add_parser(
         "bench", help="measure evaluation speed, GEMM use, decode speed-up, memory"
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--out", default=None, help="write the figures as JSON")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=_cmd_bench)
+    p.set_defaults(handler=_cmd_bench)
 
     p = commands.add_parser(
         "experiment", help="prune and evaluate a grid of cells (cached), then report"
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only cells matching a label, group or key",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=_cmd_experiment)
+    p.set_defaults(handler=_cmd_experiment)
     return parser
 
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own bars say what is happening; keep stderr clean
     warnings.showwarning = _one_line_warning
     try:
-        return args.run(args)
+        return args.handler(args)
     except BonsaiPruneError as e:
         print(f"bonsai-prune: error: {e}", file=sys.stderr)
         return 2
