@@ -289,3 +289,38 @@ def test_the_heaviest_penalty_is_reported():
     )
     grid = [1e-3, 1e6]
     assert fit_importance(masks, noise, method="ridge", alphas=grid).at_max_penalty is True
+
+
+def test_a_prior_scale_is_ridge_on_scaled_columns():
+    # penalty alpha * sum(beta_j^2 / s_j^2): fit x * s, then scale the coefficients back by s
+    masks, scores, _ = synthetic_round(seed=1)
+    scale = torch.linspace(0.5, 8.0, N_UNITS, dtype=torch.float64)
+    fit = fit_importance(masks, scores, method="ridge", prior_scale=scale)
+    by_hand = fit_importance(masks.double() * scale, scores, method="ridge")
+    assert torch.allclose(fit.beta, by_hand.beta * scale, rtol=1e-9, atol=1e-12)
+    assert fit.alpha == by_hand.alpha and fit.intercept == pytest.approx(by_hand.intercept)
+
+
+def test_a_larger_prior_scale_lets_a_unit_keep_more_of_its_effect():
+    # two units of equal true effect: the one with the larger prior scale is shrunk less
+    masks, scores, _ = synthetic_round(seed=2)
+    scale = torch.ones(N_UNITS, dtype=torch.float64)
+    scale[:20] = 4.0
+    plain = fit_importance(masks, scores, method="ridge", alphas=[50.0])
+    scaled = fit_importance(masks, scores, method="ridge", alphas=[50.0], prior_scale=scale)
+    gain = scaled.beta.abs() / plain.beta.abs()
+    assert gain[:20].median() > gain[20:].median()
+
+
+def test_a_constant_prior_scale_changes_nothing():
+    masks, scores, _ = synthetic_round(seed=3)
+    plain = fit_importance(masks, scores, method="ridge")
+    scaled = fit_importance(masks, scores, method="ridge", prior_scale=torch.full((40,), 7.0))
+    assert torch.allclose(plain.beta, scaled.beta, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("scale", [torch.zeros(40), torch.ones(39), torch.full((40,), math.nan)])
+def test_a_bad_prior_scale_is_rejected(scale):
+    masks, scores, _ = synthetic_round(seed=3)
+    with pytest.raises(ValueError, match="prior_scale"):
+        fit_importance(masks, scores, prior_scale=scale)

@@ -212,7 +212,14 @@ def run_round(
             design, modules = module_design(masks, candidates, module_index, unit_costs)
             fit = fit_importance(design, scores, method="ridge")
         else:
-            fit = fit_importance(masks[:, candidates], scores, method=config.regression)
+            scale = (
+                costs[candidates].double().clamp_min(1.0).sqrt()
+                if config.beta_prior == "cost"
+                else None
+            )
+            fit = fit_importance(
+                masks[:, candidates], scores, method=config.regression, prior_scale=scale
+            )
         removed = removed_parameters(masks, unit_costs)  # (N,)
         validity = measure_validity(
             utility_before, scores, removed, fit.cv_error, fit.at_max_penalty

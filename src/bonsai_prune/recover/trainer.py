@@ -181,17 +181,18 @@ def train(
         state.tokens += batch.n_tokens
         for key, dt in (("teacher", t1 - t0), ("student", t2 - t1), ("optimizer", t3 - t2)):
             state.seconds[key] += dt
+        loss, kl, ce = float(loss.detach()), float(kl.detach()), float(ce.detach())
         state.history.append(
             {
                 "step": state.step,
-                "loss": float(loss.detach()),
-                "kl": float(kl),
-                "ce": float(ce),
+                "loss": loss,
+                "kl": kl,
+                "ce": ce,
                 "lr": lr,
                 "tokens": state.tokens,
             }
         )
-        bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{batch.n_tokens / (t3 - t0):.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{batch.n_tokens / (t3 - t0):.0f}")
         bar.update(1)
 
         done = state.step == n_steps
