@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    config = PruneConfig.from_dict(json.loads((args.run / "config.json").read_text()))
+    config = PruneConfig.from_saved(json.loads((args.run / "config.json").read_text()))
     saved = load_file(str(args.run / "rounds/round_001.safetensors"))
     masks, scores, candidates = saved["masks"], saved["scores"], saved["candidates"]
     scores = torch.where(torch.isfinite(scores), scores, scores[torch.isfinite(scores)].min())

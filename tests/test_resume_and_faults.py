@@ -85,6 +85,22 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert "different settings (sparsity)" in capsys.readouterr().err
 
 
+def test_a_run_saved_before_a_setting_existed_reads_as_what_it_ran(tmp_path, capsys):
+    # runs saved before --beta-prior existed ran with one penalty for every unit ("uniform");
+    # resuming one with today's default must be refused, not silently switch designs
+    from bonsai_prune.cli import main
+
+    saved = PruneConfig(sparsity=0.2).to_dict()
+    del saved["beta_prior"]
+    assert PruneConfig.from_saved(saved).beta_prior == "uniform"
+    assert PruneConfig.from_dict(saved).beta_prior == "cost"  # a new spec takes the default
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(saved))
+    assert main(["prune", "--out", str(out), "--resume", "--sparsity", "0.2"]) == 2
+    assert "different settings (beta_prior)" in capsys.readouterr().err
+
+
 def _nan_when_last_head_is_masked(model):
     """A broken sub-model: removing head 3 of layer 0 turns the logits into NaN."""
     attn = model.model.layers[0].self_attn

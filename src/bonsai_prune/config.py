@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from bonsai_prune.core.metrics import ACCURACY_RULES, LEXICAL_METRICS, UTILITY_STOPS
 from bonsai_prune.core.regression import BETA_PRIORS, REGRESSIONS
@@ -90,7 +90,14 @@ def _check_choices(config: Any) -> None:
 
 
 class _JsonConfig:
-    """JSON round-trip that refuses unknown keys (a typo must not silently become a default)."""
+    """JSON round-trip that refuses unknown keys (a typo must not silently become a default).
+
+    ``SAVED_BEFORE`` maps a field added after runs were saved to the value those runs used, so
+    ``from_saved`` reads an old run's config as what it ran, not as today's default (and
+    ``--resume`` of it keeps its design); ``from_dict`` (a new spec, e.g. a grid) takes defaults.
+    """
+
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -105,6 +112,11 @@ class _JsonConfig:
         if isinstance(values.get("utility"), dict):
             values["utility"] = UtilityConfig.from_dict(values["utility"])
         return cls(**values)
+
+    @classmethod
+    def from_saved(cls, data: dict[str, Any]):
+        """A config a run saved: fields it predates take the value it ran with."""
+        return cls.from_dict({**cls.SAVED_BEFORE, **data})
 
 
 def _weights_option(default: dict[str, float] = DEFAULT_WEIGHTS) -> Any:
@@ -196,6 +208,8 @@ class UtilityConfig(_JsonConfig):
 @dataclass(frozen=True)
 class PruneConfig(_JsonConfig):
     """One pruning run (DESIGN.md section 2)."""
+
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"beta_prior": "uniform"}
 
     model: str = option(
         DEFAULT_MODEL,

@@ -139,7 +139,7 @@ def prepare_out_dir(out: Path, config: PruneConfig, *, resume: bool, overwrite: 
             raise RunDirectoryError(f"--resume: {out} holds no run to resume (no config.json)")
         resume = False  # killed before its first round was saved: the run starts from round 1
     if resume:
-        saved = PruneConfig.from_dict(read_json(out / "config.json"))
+        saved = PruneConfig.from_saved(read_json(out / "config.json"))
         if saved != config:
             changed = sorted(k for k, v in saved.to_dict().items() if config.to_dict()[k] != v)
             raise RunDirectoryError(
