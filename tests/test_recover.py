@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 
@@ -29,6 +30,14 @@ FAST = {
     "lr": 1e-3,
     "warmup_steps": 1,
 }
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    """The shared cache of parent solutions goes under the test's folder, not ~/.cache."""
+    monkeypatch.setattr(
+        importlib.import_module("bonsai_prune.recover"), "cache_dir", lambda: tmp_path / "cache"
+    )
 
 
 # ---- pure functions ------------------------------------------------------------------------
@@ -190,6 +199,24 @@ def test_self_data_is_generated_once_and_reused_on_resume(parent_and_run, tmp_pa
 
     monkeypatch.setattr(rdata, "_generate", no_generation)
     assert recover(run, tmp_path / "out", config, resume=True, progress=False).complete
+
+
+def test_parent_solutions_are_shared_by_runs_of_one_parent(parent_and_run, tmp_path, monkeypatch):
+    # the parent's greedy solutions do not depend on the pruned model: a second recovery from
+    # the same parent (another sparsity, another utility) reads them instead of generating
+    _, run = parent_and_run
+    config = RecoverConfig(**{**FAST, "max_tokens": 400}, data="self", self_max_new_tokens=8)
+    recover(run, tmp_path / "first", config, progress=False)
+    shared = list((tmp_path / "cache" / "self_data").glob("*.jsonl"))
+    assert len(shared) == 1 and shared[0].read_text().strip()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the parent's solutions were generated again")
+
+    monkeypatch.setattr(rdata, "_generate", no_generation)
+    assert recover(run, tmp_path / "second", config, progress=False).complete
+    first = (tmp_path / "first" / "self_data.jsonl").read_text()
+    assert (tmp_path / "second" / "self_data.jsonl").read_text() == first
 
 
 def test_bad_inputs_fail_in_one_line_and_write_nothing_complete(

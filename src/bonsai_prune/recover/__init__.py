@@ -30,7 +30,7 @@ from bonsai_prune.config import RecoverConfig
 from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.errors import ModelLoadError, RunDirectoryError
 from bonsai_prune.models import adapter_for, load_model
-from bonsai_prune.models.loading import resolve_dtype
+from bonsai_prune.models.loading import cache_dir, dequantised_default, resolve_dtype
 from bonsai_prune.models.pruned import (
     MODEL_DIR,
     STRUCTURE_FILE,
@@ -43,6 +43,7 @@ from bonsai_prune.recover.data import (
     gold_sequences,
     plan_batches,
     self_sequences,
+    shared_self_cache,
     split_held_out,
 )
 from bonsai_prune.recover.trainer import TrainState, train
@@ -105,7 +106,16 @@ def recover(
 
     train_problems, held_out = split_held_out(load_gsm8k("train"), config.n_eval, config.seed)
     t0 = time.perf_counter()
-    sequences = _training_sequences(teacher_model, tokenizer, train_problems, config, out, progress)
+    shared = shared_self_cache(
+        cache_dir() / "self_data",
+        dequantised_default() if teacher_spec == "default" else teacher_spec,
+        config.prompt,
+        config.self_max_new_tokens,
+        str(teacher_model.dtype),
+    )
+    sequences = _training_sequences(
+        teacher_model, tokenizer, train_problems, config, out, progress, shared
+    )
     data_seconds = time.perf_counter() - t0
     plan = plan_batches(
         [len(s.ids) for s in sequences], config.batch_size, config.max_tokens, config.seed
@@ -233,10 +243,17 @@ def _check_same_tokenizer(student_tok, teacher_tok, spec: str) -> None:
 
 
 def _training_sequences(
-    teacher, tokenizer, problems, config: RecoverConfig, out: Path, progress: bool
+    teacher,
+    tokenizer,
+    problems,
+    config: RecoverConfig,
+    out: Path,
+    progress: bool,
+    shared: Path | None = None,
 ):
     """Sequences for the budget, drawn from ``problems`` in a seeded order (self data costs a
-    generation per problem, so only what the budget needs is made)."""
+    generation per problem, so only what the budget needs is made; ``shared`` keeps the
+    parent's solutions across runs)."""
     order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(config.seed))
     problems = [problems[i] for i in order.tolist()]
     sequences = []
@@ -254,6 +271,7 @@ def _training_sequences(
             max_new_tokens=config.self_max_new_tokens,
             max_tokens=config.max_tokens,
             cache=out / "self_data.jsonl",
+            shared=shared,
             progress=progress,
         )
     return sequences

@@ -157,17 +157,22 @@ def self_sequences(
     max_new_tokens: int,
     max_tokens: int,
     cache: Path,
+    shared: Path | None = None,
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[Sequence]:
     """The parent's greedy solutions, generated in ``problems`` order until ``max_tokens`` are
     covered, cached in ``cache`` (JSONL, rewritten atomically per batch) and reused on resume.
 
+    shared, optional: a cache of the same parent's solutions kept across runs
+    (``shared_self_cache``): what it holds is not generated again, and what is generated is
+    added to it. The parent's solutions do not depend on the pruned model, so every model
+    pruned from one parent reuses them (about 17 minutes of generation on 2 cores).
     Returns one Sequence per problem covered, in ``problems`` order.
     """
     from tqdm.auto import tqdm
 
-    solved = read_self_cache(cache)
+    solved = {**(read_self_cache(shared) if shared else {}), **read_self_cache(cache)}
     sequences, spent = [], 0
     bar = tqdm(total=max_tokens, desc="self data", unit="tok", disable=not progress)
     start = 0
@@ -176,16 +181,43 @@ def self_sequences(
         start += batch_size
         missing = [p for p in chunk if _key(p) not in solved]
         if missing:
-            solved.update(_generate(teacher, tokenizer, missing, prompt, max_new_tokens))
-            lines = [json.dumps({"key": k, "solution": v}) for k, v in solved.items()]
-            atomic_write_text(cache, "\n".join(lines) + "\n")
+            made = _generate(teacher, tokenizer, missing, prompt, max_new_tokens)
+            solved.update(made)
+            if shared is not None:  # re-read: another run may have added to it meanwhile
+                _write_self_cache(shared, {**read_self_cache(shared), **made})
+            used = {_key(q) for q in problems[:start]}  # a killed run resumes from here
+            _write_self_cache(cache, {k: v for k, v in solved.items() if k in used})
         for p in chunk:
             seq = encode(tokenizer, p, solved[_key(p)], prompt, max_length)
             sequences.append(seq)
             spent += len(seq.ids)
             bar.update(len(seq.ids))
     bar.close()
+    used = {_key(p) for p in problems[:start]}
+    if set(read_self_cache(cache)) != used:  # all of it came from the shared cache
+        _write_self_cache(cache, {k: v for k, v in solved.items() if k in used})
     return sequences
+
+
+def shared_self_cache(
+    root: Path, teacher: Path | str, prompt: str, max_new_tokens: int, dtype: str
+) -> Path:
+    """Where the solutions of one parent (its files, by name, size and time), prompt, cap and
+    dtype are kept across runs: ``root/<hash>.jsonl``."""
+    ident: list[str] = [str(teacher), prompt, str(max_new_tokens), dtype]
+    folder = Path(teacher)
+    if folder.is_dir():
+        for f in sorted([*folder.glob("*.safetensors"), *folder.glob("model/*.safetensors")]):
+            stat = f.stat()
+            ident.append(f"{f.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(ident).encode("utf-8")).hexdigest()[:20]
+    return root / f"{digest}.jsonl"
+
+
+def _write_self_cache(path: Path, solved: dict[str, str]) -> None:
+    lines = [json.dumps({"key": k, "solution": v}) for k, v in solved.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _generate(teacher, tokenizer, problems, prompt: str, max_new_tokens: int) -> dict[str, str]:
