@@ -29,6 +29,7 @@ FAST = {
     "dtype": "fp32",
     "lr": 1e-3,
     "warmup_steps": 1,
+    "data": "gold",  # self data (the default) generates with the parent: its own tests below
 }
 
 
@@ -189,7 +190,7 @@ def test_resumed_run_ends_with_the_same_weights(parent_and_run, tmp_path):
 
 def test_self_data_is_generated_once_and_reused_on_resume(parent_and_run, tmp_path, monkeypatch):
     _, run = parent_and_run
-    config = RecoverConfig(**{**FAST, "max_tokens": 400}, data="self", self_max_new_tokens=8)
+    config = RecoverConfig(**{**FAST, "max_tokens": 400, "data": "self"}, self_max_new_tokens=8)
     recover(run, tmp_path / "out", config, stop_after_step=1, progress=False)
     cache = (tmp_path / "out" / "self_data.jsonl").read_text().splitlines()
     assert cache and all(json.loads(line)["solution"] is not None for line in cache)
@@ -205,7 +206,7 @@ def test_parent_solutions_are_shared_by_runs_of_one_parent(parent_and_run, tmp_p
     # the parent's greedy solutions do not depend on the pruned model: a second recovery from
     # the same parent (another sparsity, another utility) reads them instead of generating
     _, run = parent_and_run
-    config = RecoverConfig(**{**FAST, "max_tokens": 400}, data="self", self_max_new_tokens=8)
+    config = RecoverConfig(**{**FAST, "max_tokens": 400, "data": "self"}, self_max_new_tokens=8)
     recover(run, tmp_path / "first", config, progress=False)
     shared = list((tmp_path / "cache" / "self_data").glob("*.jsonl"))
     assert len(shared) == 1 and shared[0].read_text().strip()

@@ -385,8 +385,10 @@ class RecoverConfig(_JsonConfig):
     batch_size: int = option(8, "sequences per optimizer step")
     max_length: int = option(384, "prompt + solution tokens kept per sequence (GSM8K fits in ~300)")
     data: str = option(
-        "gold",
-        "gold train solutions, 'self' (the parent's greedy ones), or 'both'",
+        "self",
+        "'self': the parent's greedy solutions (generated once per parent, then cached); "
+        "'gold': GSM8K train solutions (measured: the student stops writing its end token); "
+        "or 'both'",
         choices=DATA_SOURCES,
         label="recovery data",
     )
