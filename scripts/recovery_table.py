@@ -7,6 +7,9 @@ evaluated once. Every step's wall time is recorded; the table goes to ``OUT/tabl
 figures to ``OUT/table.json`` after every step, so a partial table is readable.
 
     python scripts/recovery_table.py --out results/recovery --limit 200 --max-new-tokens 256
+
+Recovery runs with `recover`'s defaults (the parent's own solutions) unless `--recover-args` says
+otherwise, e.g. `--recover-args "--data gold"`.
 """
 
 from __future__ import annotations
@@ -123,14 +126,14 @@ def _write_table(args: argparse.Namespace, timings: dict) -> None:
     dense = _summary(args.work / "eval-dense/summary.json")
     header = (
         "| model | sparsity | recovered | reference ppl (x dense) | U† (% of dense) "
-        "| strict acc. [95% CI] | recovery wall time |"
+        "| strict acc. [95% CI] | solutions finished | recovery wall time |"
     )
-    lines = [header, "|" + "---|" * 7]
+    lines = [header, "|" + "---|" * 8]
     figures: dict[str, dict] = {}
 
     def row(label: str, sparsity: str, recovered: str, summary: dict | None, wall: str) -> None:
         if summary is None:
-            lines.append(f"| {label} | {sparsity} | {recovered} | - | - | - | {wall} |")
+            lines.append(f"| {label} | {sparsity} | {recovered} | - | - | - | - | {wall} |")
             return
         ppl, u = summary.get("reference_perplexity"), summary.get("u_dagger")
         ratio = f" ({ppl / dense['reference_perplexity']:.2f}x)" if dense and ppl else ""
@@ -142,7 +145,8 @@ def _write_table(args: argparse.Namespace, timings: dict) -> None:
         low, high = summary.get("accuracy_strict_ci") or (0, 0)
         lines.append(
             f"| {label} | {sparsity} | {recovered} | {ppl:.2f}{ratio} | {u:.1f}{share} "
-            f"| {100 * summary['accuracy_strict']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] | {wall} |"
+            f"| {100 * summary['accuracy_strict']:.1f}% [{100 * low:.1f}, {100 * high:.1f}] "
+            f"| {summary.get('n_finished', '-')}/{summary.get('n', '-')} | {wall} |"
         )
         figures[f"{label} {sparsity} {recovered}"] = {
             key: summary.get(key)
@@ -155,6 +159,7 @@ def _write_table(args: argparse.Namespace, timings: dict) -> None:
                 "accuracy_flexible",
                 "answer_prob",
                 "n",
+                "n_finished",
                 "wall_s",
             )
         }
