@@ -18,3 +18,5 @@ from bonsai_prune.models.llama import LlamaAdapter
 @ADAPTERS.register("gemma3_text")
 class Gemma3Adapter(LlamaAdapter):
     """``Gemma3ForCausalLM``: the Llama logic; q/k norms shared per layer."""
+
+    lean_decoding = "Gemma 3's post-norms and scaled embedding are not in the lean decoder"

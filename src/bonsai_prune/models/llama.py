@@ -136,6 +136,15 @@ class LlamaAdapter:
     def _after_attention_resized(self, model, attn) -> None:
         """Tell the module its new head counts where its forward reads them (Phi-3 does)."""
 
+    # ---- lean decoding (models/decoding.py) -----------------------------------------------
+
+    # None: the lean decoder runs this family; else why transformers' generate decodes it
+    lean_decoding: str | None = None
+
+    def decode_window(self, model, attn) -> int | None:
+        """How many cache slots a query at the newest slot may read in this layer (None: all)."""
+        return getattr(attn, "sliding_window", None)
+
     def attention_kind(self, model) -> str:
         """Which K/V-gathering attention sliced layers run: sdpa, or eager where the family's
         attention does what SDPA cannot (Gemma 2's soft-capping)."""

@@ -15,3 +15,6 @@ from bonsai_prune.models.llama import LlamaAdapter
 @ADAPTERS.register("mistral")
 class MistralAdapter(LlamaAdapter):
     """``MistralForCausalLM``: the Llama logic; the sliding window lives in the mask."""
+
+    def decode_window(self, model, attn) -> int | None:
+        return model.config.sliding_window  # every layer's, read by the model, not the module

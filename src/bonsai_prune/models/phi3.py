@@ -41,6 +41,8 @@ class LayerConfig:
 class Phi3Adapter(LlamaAdapter):
     """Units and surgery for ``Phi3ForCausalLM``: the Llama logic over fused projections."""
 
+    lean_decoding = "Phi-3's fused projections and partial rotary are not in the lean decoder"
+
     def _n_kv_heads(self, attn) -> int:
         if isinstance(attn, EmptyAttention):
             return 0

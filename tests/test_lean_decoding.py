@@ -1,0 +1,139 @@
+"""The lean decoder (models/decoding.py) against transformers' generate, for every family.
+
+A family the decoder runs must give the same greedy tokens as ``model.generate`` with left
+padding, uneven GQA groups, an emptied attention layer, sliding windows (Mistral's window is 4
+here, shorter than the sequences) and a batch of virtual masks (one sub-model per row); a family
+it does not run must say why, and the project's generation then falls back to transformers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_adapter_contract import FAMILIES, build, ids_and_mask, uneven_keep
+
+from bonsai_prune.models import adapter_for
+from bonsai_prune.models.decoding import greedy_decode, why_not_lean
+
+LEAN = [f for f in FAMILIES if adapter_for(build(f)).lean_decoding is None]
+NEW = 10
+
+
+def hf_greedy(model, ids, mask) -> torch.Tensor:
+    """Without an end-of-sequence id: every row runs NEW tokens (as greedy_decode, stop=None)."""
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+
+
+def lean_greedy(model, ids, mask) -> torch.Tensor:
+    assert why_not_lean(model) is None
+    return greedy_decode(model, ids, mask, NEW, pad_token_id=0)
+
+
+def test_the_common_families_are_lean():
+    assert {"llama", "mistral", "qwen2", "qwen3"} <= set(LEAN)
+
+
+@pytest.mark.parametrize("family", LEAN)
+def test_dense_and_sliced_models_decode_as_transformers(family):
+    model = build(family)
+    ids, mask = ids_and_mask(3, 12)
+    with torch.no_grad():
+        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+        adapter_for(model).slice(model, uneven_keep(model))  # uneven groups, a K/V head gone
+        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+
+
+@pytest.mark.parametrize("family", LEAN)
+def test_emptied_attention_layer_decodes_as_transformers(family):
+    model = build(family)
+    adapter = adapter_for(model)
+    keep = uneven_keep(model)
+    keep[adapter.layout(model).modules[0].units] = False
+    adapter.slice(model, keep)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+
+
+@pytest.mark.parametrize("family", LEAN)
+def test_batched_masks_act_in_the_lean_decoder(family):
+    """apply_masks' hooks on o_proj/down_proj act in the lean step: each row its sub-model."""
+    model = build(family)
+    adapter = adapter_for(model)
+    keeps = torch.stack([uneven_keep(model, seed) for seed in range(3)])
+    ids = ids_and_mask(1, 10)[0].expand(3, -1)
+    mask = torch.ones_like(ids)
+    with torch.no_grad(), adapter.apply_masks(model, keeps):
+        lean = lean_greedy(model, ids, mask)
+        assert torch.equal(lean, hf_greedy(model, ids, mask))
+    with torch.no_grad():
+        assert not torch.equal(lean, lean_greedy(model, ids, mask)), "the masks changed nothing"
+
+
+def test_fused_weights_follow_training_and_slicing():
+    """A weight changed in place (a training step) or replaced (slicing) is seen next call."""
+    model = build("llama")
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        before = lean_greedy(model, ids, mask)
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight.mul_(-3.0)
+        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+        assert not torch.equal(lean_greedy(model, ids, mask), before)
+
+
+def test_stop_ends_rows_as_transformers_and_pads_them():
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    model = build("llama")
+    ids, mask = ids_and_mask(3, 12)
+    width = ids.shape[1]
+
+    def stop(sequences):  # row r ends after r + 2 new tokens
+        done = torch.tensor([sequences.shape[1] - width >= r + 2 for r in range(3)])
+        return done
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop(input_ids)
+
+    with torch.no_grad():
+        lean = greedy_decode(model, ids, mask, NEW, pad_token_id=0, stop=stop)
+        hf = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+            stopping_criteria=StoppingCriteriaList([Stop()]),
+        )
+    assert lean.shape[1] == hf.shape[1] == width + 4
+    for row in range(3):  # equal up to each row's end; after it the lean decoder pads
+        end = width + row + 2
+        assert torch.equal(lean[row, :end], hf[row, :end])
+        assert bool((lean[row, end:] == 0).all())
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(LEAN)))
+def test_other_families_say_why_they_are_not_lean(family):
+    reason = why_not_lean(build(family))
+    assert reason and "lean decoder" in reason
+
+
+def test_other_hooks_and_lora_fall_back():
+    model = build("llama")
+    handle = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: None)
+    assert "forward hook" in why_not_lean(model)
+    handle.remove()
+    assert why_not_lean(model) is None
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert why_not_lean(lora.base_model.model) is not None
