@@ -19,8 +19,9 @@ LEAN = [f for f in FAMILIES if adapter_for(build(f)).lean_decoding is None]
 NEW = 10
 
 
-def hf_greedy(model, ids, mask) -> torch.Tensor:
-    """Without an end-of-sequence id: every row runs NEW tokens (as greedy_decode, stop=None)."""
+def hf_greedy(model, ids, mask, **kwargs) -> torch.Tensor:
+    """Without an end-of-sequence id: every row runs NEW tokens (as greedy_decode, stop=None)
+    unless ``kwargs`` give stopping criteria."""
     return model.generate(
         ids,
         attention_mask=mask,
@@ -28,6 +29,7 @@ def hf_greedy(model, ids, mask) -> torch.Tensor:
         do_sample=False,
         pad_token_id=0,
         eos_token_id=None,
+        **kwargs,
     )
 
 
@@ -97,8 +99,7 @@ def test_stop_ends_rows_as_transformers_and_pads_them():
     width = ids.shape[1]
 
     def stop(sequences):  # row r ends after r + 2 new tokens
-        done = torch.tensor([sequences.shape[1] - width >= r + 2 for r in range(3)])
-        return done
+        return torch.tensor([sequences.shape[1] - width >= r + 2 for r in range(3)])
 
     class Stop(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
@@ -106,15 +107,7 @@ def test_stop_ends_rows_as_transformers_and_pads_them():
 
     with torch.no_grad():
         lean = greedy_decode(model, ids, mask, NEW, pad_token_id=0, stop=stop)
-        hf = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=NEW,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            stopping_criteria=StoppingCriteriaList([Stop()]),
-        )
+        hf = hf_greedy(model, ids, mask, stopping_criteria=StoppingCriteriaList([Stop()]))
     assert lean.shape[1] == hf.shape[1] == width + 4
     for row in range(3):  # equal up to each row's end; after it the lean decoder pads
         end = width + row + 2

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bonsai_prune.errors import UnsupportedModelError
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.attention import EmptyAttention
 
@@ -48,7 +49,7 @@ def why_not_lean(model) -> str | None:
     """None if :func:`greedy_decode` can run ``model``, else the reason it cannot."""
     try:
         adapter = adapter_for(model)
-    except Exception as error:  # an unknown family: transformers decodes it
+    except UnsupportedModelError as error:  # an unknown family: transformers decodes it
         return str(error)
     if adapter.lean_decoding is not None:
         return adapter.lean_decoding

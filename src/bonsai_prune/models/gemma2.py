@@ -19,7 +19,9 @@ from bonsai_prune.models.llama import LlamaAdapter
 class Gemma2Adapter(LlamaAdapter):
     """``Gemma2ForCausalLM``: the Llama logic over the eager, soft-capping attention."""
 
-    lean_decoding = "Gemma 2's soft-capping, post-norms and scaled embedding are not in the lean decoder"
+    lean_decoding = (
+        "Gemma 2's soft-capping, post-norms and scaled embedding are not in the lean decoder"
+    )
 
     def attention_kind(self, model) -> str:
         return EAGER  # Gemma2 declares no SDPA support, with or without soft-capping
