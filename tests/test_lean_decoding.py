@@ -130,3 +130,44 @@ def test_other_hooks_and_lora_fall_back():
     peft = pytest.importorskip("peft")
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert why_not_lean(lora.base_model.model) is not None
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    from bonsai_prune.models import load_model
+
+    return load_model("default", dtype="fp32")
+
+
+@pytest.mark.parametrize("stop", ["answer", "question", "none"])
+def test_project_generation_is_the_same_on_either_path(stop, real_model, monkeypatch):
+    """generate_greedy (U† scoring, evaluation, self-data) gives the same texts, token counts and
+    finished flags through the lean decoder as through transformers, on the packaged model.
+
+    Each prompt holds its gold solution but the last line, so rows end early and at different
+    steps (an answer line, end-of-sequence) while others run to the cap.
+    """
+    from bonsai_prune.data.problems import load_gsm8k
+    from bonsai_prune.data.prompts import format_prompt, worked_solution
+    from bonsai_prune.utility import generation
+
+    model, tokenizer = real_model
+    tokenizer.padding_side = "left"
+    problems = load_gsm8k("test")[:4]
+    prompts = [format_prompt(tokenizer, p.question) for p in problems]
+    prompts[:3] = [
+        text + worked_solution(p).rsplit("\n", 1)[0] + "\n"
+        for text, p in zip(prompts[:3], problems, strict=False)
+    ]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    assert why_not_lean(model) is None
+
+    def run():
+        return generation.generate_greedy(
+            model, tokenizer, enc["input_ids"], enc["attention_mask"], 24, stop=stop
+        )
+
+    lean = run()
+    assert any(lean.finished) and not all(lean.finished), lean.n_tokens
+    monkeypatch.setattr(generation, "why_not_lean", lambda m: "forced fallback")
+    assert lean == run()

@@ -301,6 +301,8 @@ def _prompts(tokenizer, n: int = 8) -> list[str]:
 
 
 def _speed_once(model, tokenizer, prompts: list[str], batch_size: int, decode_tokens: int) -> dict:
+    from bonsai_prune.utility.generation import greedy_sequences
+
     inputs = tokenizer(
         prompts[:batch_size], return_tensors="pt", padding=True, add_special_tokens=False
     )
@@ -308,11 +310,11 @@ def _speed_once(model, tokenizer, prompts: list[str], batch_size: int, decode_to
     with torch.no_grad():
         _, prefill_s = _timed(lambda: model(**inputs, logits_to_keep=1))
         _, total_s = _timed(
-            lambda: model.generate(
-                **inputs,
-                max_new_tokens=decode_tokens,
-                min_new_tokens=decode_tokens,
-                do_sample=False,
+            lambda: greedy_sequences(
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                decode_tokens,
                 pad_token_id=pad,
             )
         )

@@ -18,6 +18,7 @@ import torch
 from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.data.prompts import format_prompt
 from bonsai_prune.eval.gsm8k import reference_nll
+from bonsai_prune.utility.generation import greedy_sequences
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,11 @@ def decode_tokens_per_s(model, tokenizer, prompt: str, n_tokens: int) -> float:
     """Greedy tokens per second after the prompt, batch 1 (the first token's prefill included)."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
     began = time.perf_counter()
-    out = model.generate(
-        **ids,
-        max_new_tokens=n_tokens,
-        min_new_tokens=n_tokens,
-        do_sample=False,
+    out = greedy_sequences(
+        model,
+        ids["input_ids"],
+        ids["attention_mask"],
+        n_tokens,
         pad_token_id=tokenizer.pad_token_id,
     )
     return (out.shape[1] - ids["input_ids"].shape[1]) / (time.perf_counter() - began)

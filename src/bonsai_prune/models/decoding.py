@@ -47,6 +47,8 @@ _HOOKED_OK = ("o_proj", "down_proj")
 
 def why_not_lean(model) -> str | None:
     """None if :func:`greedy_decode` can run ``model``, else the reason it cannot."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        return "not a transformers model: its own generate decodes it"
     try:
         adapter = adapter_for(model)
     except UnsupportedModelError as error:  # an unknown family: transformers decodes it

@@ -20,6 +20,7 @@ from bonsai_prune.data.problems import Problem
 from bonsai_prune.data.prompts import format_prompt, worked_solution
 from bonsai_prune.errors import DataError
 from bonsai_prune.rundir.files import atomic_write_text
+from bonsai_prune.utility.generation import end_of_sequence, greedy_sequences, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -225,11 +226,13 @@ def _generate(teacher, tokenizer, problems, prompt: str, max_new_tokens: int) ->
     tokenizer.padding_side = "left"
     enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
     device = next(teacher.parameters()).device
-    out = teacher.generate(
-        **{k: v.to(device) for k, v in enc.items()},
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
+    out = greedy_sequences(
+        teacher,
+        enc["input_ids"].to(device),
+        enc["attention_mask"].to(device),
+        max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
+        stop=end_of_sequence(stop_token_ids(teacher, tokenizer)),
     )
     new = out[:, enc["input_ids"].shape[1] :]  # (b, T) generated tokens only
     decoded = tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -6,16 +6,22 @@ answer ("#### 18", "the answer is 18") when a sub-model is scored, at a made-up 
 every row has ended or the cap is reached; rows that ended early are padded and their padding
 is not part of their text. Whether a row *finished* (ended by itself) or was cut at the cap is
 returned too: the strict accuracy rule reads a cut-off text's answer only after a marker.
+
+Every greedy decode of the project goes through :func:`greedy_sequences`: the lean decoder
+(``models.decoding``) where the model allows it, transformers' ``generate`` elsewhere; the
+tokens are the same either way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from bonsai_prune.core.metrics import QUESTION_STOP, STOP_PATTERNS
+from bonsai_prune.models.decoding import greedy_decode, why_not_lean
 
 _WINDOW = 32  # tokens decoded to look for a pattern: an answer line is far shorter
 
@@ -64,6 +70,61 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
+class _CallStop(StoppingCriteria):
+    """A ``stop(sequences) -> (B,) bool`` function as transformers' stopping criterion."""
+
+    def __init__(self, stop: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return self.stop(input_ids)
+
+
+@torch.no_grad()
+def greedy_sequences(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    pad_token_id: int,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Greedy continuations (B, P + T) of left-padded prompts (B, P), rows padded after they end.
+
+    stop(sequences) -> (B,) bool marks the rows that have ended; None: every row runs the full
+    ``max_new_tokens`` (a speed measurement). The lean decoder runs where :func:`why_not_lean`
+    allows (Llama-shaped families on CPU), transformers' ``generate`` otherwise.
+    """
+    if why_not_lean(model) is None:
+        return greedy_decode(
+            model,
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            pad_token_id=pad_token_id,
+            stop=stop,
+        )
+    if stop is None:
+        until = {"min_new_tokens": max_new_tokens}  # end-of-sequence may not end a row
+    else:
+        until = {"stopping_criteria": StoppingCriteriaList([_CallStop(stop)])}
+    return model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad_token_id,
+        **until,
+    )
+
+
+def end_of_sequence(eos_ids: set[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A ``stop`` for :func:`greedy_sequences`: a row ends at one of ``eos_ids``."""
+    ids = torch.tensor(sorted(eos_ids))
+    return lambda sequences: torch.isin(sequences[:, -1], ids.to(sequences.device))
+
+
 @torch.no_grad()
 def generate_greedy(
     model,
@@ -80,13 +141,13 @@ def generate_greedy(
     """
     pattern = STOP_PATTERNS[stop]
     stopper = _RowStopper(tokenizer, input_ids.shape[1], pattern, stop_token_ids(model, tokenizer))
-    output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
+    output = greedy_sequences(
+        model,
+        input_ids,
+        attention_mask,
+        max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
-        stopping_criteria=StoppingCriteriaList([stopper]),
+        stop=lambda sequences: stopper(sequences, None),
     )
     new = output[:, input_ids.shape[1] :].cpu()  # (B, <= max_new_tokens)
     texts, tokens, counts, finished = [], [], [], []
