@@ -103,7 +103,7 @@ def _group_slots(kv_index: torch.Tensor, n_kv: int) -> tuple[int, torch.Tensor |
     for head, kv in enumerate(kv_index.tolist()):
         rank[head], seen[kv] = seen[kv], seen[kv] + 1
     slots = kv_index * group + rank
-    if torch.equal(slots, torch.arange(len(kv_index))):
+    if len(kv_index) == n_kv * group and torch.equal(slots, torch.arange(len(kv_index))):
         return group, None  # even groups in order: a plain view
     return group, slots
 
