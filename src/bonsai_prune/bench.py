@@ -79,10 +79,12 @@ def reference_generate(
     """Greedy decoding of one prompt with logits over the whole vocabulary at every position:
     (text, tokens generated, whether it ended by itself)."""
     from bonsai_prune.core.metrics import STOP_PATTERNS
+    from bonsai_prune.models.decoding import cache_keyword
 
     pattern = STOP_PATTERNS[stop]
+    keyword = cache_keyword(model)
     output = model(input_ids=prompt_ids, use_cache=True)
-    cache, tokens = output.past_key_values, []
+    cache, tokens = output[keyword], []
     for _ in range(n_new):
         token = output.logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
         tokens.append(int(token))
@@ -91,7 +93,7 @@ def reference_generate(
         text = tokenizer.decode(tokens, skip_special_tokens=True)
         if pattern is not None and pattern.search(text):
             return text, len(tokens), True
-        output = model(input_ids=token, past_key_values=cache, use_cache=True)
+        output = model(input_ids=token, use_cache=True, **{keyword: cache})
     return tokenizer.decode(tokens, skip_special_tokens=True), len(tokens), False
 
 

@@ -239,6 +239,12 @@ class _Decoder:
         return attn.o_proj(out.reshape(b, 1, spec.n_q * d))
 
 
+def cache_keyword(model) -> str:
+    """The forward's K/V cache argument: ``cache`` from transformers 5.24, ``past_key_values``
+    before (5.24 still takes the old name, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_decode(
     model,
@@ -261,15 +267,13 @@ def greedy_decode(
     b, width = input_ids.shape
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
     cache = DynamicCache()  # full layers: the buffers hold every slot, windows are masks
-    # transformers 5.24 names the argument ``cache``; earlier releases ``past_key_values``
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else None
     logits = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=positions,
         use_cache=True,
         logits_to_keep=1,
-        **{cache_arg or "past_key_values": cache},
+        **{cache_keyword(model): cache},
     ).logits[:, -1]
     decoder = _Decoder(model, _layers_for(model), b, width + max_new_tokens)
     decoder.load(cache, attention_mask)
