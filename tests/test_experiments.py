@@ -15,6 +15,7 @@ from bonsai_prune.study import runner as experiments
 from bonsai_prune.study.grid import (
     CELL_KEYS,
     PRUNE_KEYS,
+    RECOVER_KEYS,
     UTILITY_KEYS,
     load_grid,
     parse_grid,
@@ -68,7 +69,7 @@ BAD_GRIDS = {
     ),
     "top-level key": (
         {**grid({"method": "wanda"}), "cell": []},
-        "grid file: unknown key 'cell'; known: out, eval, base, cells",
+        "grid file: unknown key 'cell'; known: out, eval, base, recover, cells",
     ),
     "eval names the model": (
         {**grid({"method": "wanda"}), "eval": {"model": "x"}},
@@ -89,6 +90,14 @@ BAD_GRIDS = {
     "out not a path": (
         {**grid({"method": "wanda"}), "out": ["a"]},
         "grid file: 'out' must be a directory path, got ['a']",
+    ),
+    "recover not a flag": (
+        grid({"method": "wanda", "recover": "yes"}),
+        "cells[0]: 'recover' must be true or false, got 'yes'",
+    ),
+    "unknown recover key": (
+        {**grid({"method": "wanda"}), "recover": {"steps": 3}},
+        "recover: unknown key 'steps'; known: " + ", ".join(RECOVER_KEYS),
     ),
     "no cells": ({**grid(), "cells": []}, "grid file: 'cells' must be a non-empty list of cells"),
     "same run twice": (
@@ -183,6 +192,19 @@ def test_the_shipped_study_parses():
         "bonsai+comprehensive",
     }
     assert len(g.unique_cells()) == 32
+
+
+def test_the_second_study_covers_issue_20s_grid():
+    """Every method at 10/20/35/50% with recovery, three seeds for the Bonsai cells at 20/35%."""
+    g = load_grid(Path(__file__).parents[1] / "results" / "study.yaml")
+    main = {(c.label, c.prune_config.sparsity, c.prune_config.seed, c.recover) for c in g.cells}
+    for method in ("bonsai+U†", "bonsai+perplexity", "wanda", "wanda (neurons)", "magnitude"):
+        for sparsity in (0.1, 0.2, 0.35, 0.5):
+            assert (method, sparsity, 0, True) in main
+    for method in ("bonsai+U†", "bonsai+perplexity"):
+        for sparsity in (0.2, 0.35):
+            assert {(method, sparsity, seed, seed == 0) for seed in (0, 1, 2)} <= main
+    assert g.eval_config.limit == 300 and g.eval_config.max_new_tokens == 256
 
 
 @pytest.mark.parametrize("name", ["grid-session.yaml", "grid-gpu.yaml"])
@@ -291,3 +313,43 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     assert (out / "report.md").read_text(encoding="utf-8").count("| dense |") == 4
     with pytest.raises(ConfigError, match="--only nothing matches no cell"):
         run_experiment(path, progress=False, load=calls.load, only="nothing")
+
+
+def test_a_recovered_cell_is_distilled_evaluated_cached_and_reported(
+    tmp_path, tokenizer, tiny_model_dir, monkeypatch
+):
+    """recover: true distils the pruned cell from its parent (the grid's recover settings) into
+    its own folder, evaluates it, shows it as "<label> + recovery" and is cached like a cell."""
+    fast = {
+        "max_tokens": 300,
+        "batch_size": 2,
+        "max_length": 96,
+        "n_eval": 2,
+        "data": "gold",
+        "dtype": "fp32",
+    }
+    data = {
+        **TINY_GRID,
+        "out": str(tmp_path / "out"),
+        "base": {**TINY_GRID["base"], "model": str(tiny_model_dir)},
+        "recover": {**fast, "eval_every": 0, "checkpoint_every": 100},
+        "cells": [{"method": "random", "sparsity": 0.2, "recover": True}],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    calls = Calls(monkeypatch, tokenizer)
+    first = run_experiment(path, progress=False, load=calls.load)
+    assert [o.status for o in first.outcomes] == ["ran", "ran", "ran"]
+    assert first.outcomes[2].label == "random + recovery"
+    cell = first.grid.cells[0]
+    recovered = tmp_path / "out" / "cells" / first.outcomes[2].key
+    assert recovered.parent.name == cell.key and recovered.name.startswith("recovered-")
+    assert json.loads((recovered / "run" / "report.json").read_text())["complete"] is True
+    assert (recovered / "eval" / "summary.json").is_file()
+    assert calls.reset() == {"load": 2, "prune": 1, "evaluate": 3}
+    report = write_report(first).read_text(encoding="utf-8")
+    assert "| random + recovery |" in report
+
+    second = run_experiment(path, progress=False, load=calls.load)
+    assert [o.status for o in second.outcomes] == ["cached"] * 3
+    assert calls.reset() == {"load": 0, "prune": 0, "evaluate": 0}

@@ -23,6 +23,11 @@ cache entry and run once. Cell directory::
     cells/<key>/eval/         summary.json, generations.jsonl
     cells/<key>/error.json    the BonsaiPruneError of a failed attempt (retried next time)
     cells/dense-<hash>/       the unpruned model's evaluation and structure.json
+
+A cell with ``recover: true`` is also distilled from its dense parent (the grid's top-level
+``recover`` mapping holds RecoverConfig fields; default: recover's defaults) and evaluated again:
+``cells/<key>/recovered-<hash>/`` holds that run/ and eval/, and the report shows it as a row
+"<label> + recovery" (its key, :func:`recovered_key`, is the cell's key plus that folder).
 """
 
 from __future__ import annotations
@@ -37,15 +42,17 @@ from pathlib import Path
 import yaml
 
 from bonsai_prune.api import check_registered
-from bonsai_prune.config import EvalConfig, PruneConfig, UtilityConfig
+from bonsai_prune.config import EvalConfig, PruneConfig, RecoverConfig, UtilityConfig
 from bonsai_prune.errors import ConfigError
 from bonsai_prune.methods import METHODS
 from bonsai_prune.rundir import files as io
 
 MAIN_GROUP = "main"
 DENSE_LABEL = "dense"
-TOP_KEYS = ("out", "eval", "base", "cells")
-CELL_KEYS = ("name", "group", "sparsities", "seeds")  # besides the PruneConfig fields
+TOP_KEYS = ("out", "eval", "base", "recover", "cells")
+CELL_KEYS = ("name", "group", "sparsities", "seeds", "recover")  # besides the PruneConfig fields
+RECOVER_KEYS = tuple(f.name for f in dataclasses.fields(RecoverConfig))
+RECOVERED_SUFFIX = " + recovery"
 PRUNE_KEYS = tuple(f.name for f in dataclasses.fields(PruneConfig))
 UTILITY_KEYS = tuple(f.name for f in dataclasses.fields(UtilityConfig))
 EVAL_KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
@@ -60,6 +67,7 @@ class Cell:
     group: str
     label: str
     prune_config: PruneConfig
+    recover: bool = False  # also distil it from its parent and evaluate that
 
 
 @dataclass(frozen=True)
@@ -72,13 +80,33 @@ class Grid:
     eval_config: EvalConfig  # model, dtype and device taken from base
     dense_key: str
     cells: tuple[Cell, ...]
+    recover_config: RecoverConfig = dataclasses.field(default_factory=RecoverConfig)
 
     def unique_cells(self) -> list[Cell]:
-        """One cell per key, in file order (the first label and group a key appears under)."""
+        """One cell per key, in file order (the first label and group a key appears under),
+        recovered if any of its appearances asks for it."""
         seen: dict[str, Cell] = {}
         for cell in self.cells:
-            seen.setdefault(cell.key, cell)
+            first = seen.setdefault(cell.key, cell)
+            if cell.recover and not first.recover:
+                seen[cell.key] = dataclasses.replace(first, recover=True)
         return list(seen.values())
+
+    def report_cells(self) -> list[Cell]:
+        """The cells as the report shows them: each recovered cell followed by its recovery."""
+        rows = []
+        for cell in self.cells:
+            rows.append(cell)
+            if cell.recover:
+                rows.append(
+                    dataclasses.replace(
+                        cell,
+                        key=recovered_key(self, cell.key),
+                        label=cell.label + RECOVERED_SUFFIX,
+                        recover=False,
+                    )
+                )
+        return rows
 
 
 @dataclass(frozen=True)
@@ -167,6 +195,9 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
     for index, entry in enumerate(entries):
         cells.extend(_expand(entry, index, base, eval_config))
     _check_duplicates(cells)
+    recover_data = _section(data, "recover")
+    _check_keys(recover_data, RECOVER_KEYS, "recover")
+    recover_config = _build(RecoverConfig.from_dict, recover_data, "recover")
     out = data.get("out") or "results"
     if not isinstance(out, str):
         raise ConfigError(f"grid file: 'out' must be a directory path, got {out!r}")
@@ -178,6 +209,7 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
         eval_config=eval_config,
         dense_key=f"{DENSE_LABEL}-{_digest(dense)}",
         cells=tuple(cells),
+        recover_config=recover_config,
     )
 
 
@@ -186,6 +218,12 @@ def cell_key(config: PruneConfig, eval_config: EvalConfig) -> str:
     method = config.method + (f"-{config.utility.name}" if scores_submodels(config) else "")
     digest = _digest({"prune": config.to_dict(), "eval": eval_config.to_dict()})
     return f"{method}-s{config.sparsity:g}-seed{config.seed}-{digest}"
+
+
+def recovered_key(grid: Grid, key: str) -> str:
+    """``<key>/recovered-<hash8>``: the cell's recovery under the grid's RecoverConfig (a new
+    recover mapping is a new folder, never a stale cache hit)."""
+    return f"{key}/recovered-{_digest(grid.recover_config.to_dict())}"
 
 
 def _digest(data: dict) -> str:
@@ -232,6 +270,9 @@ def _expand(entry, index: int, base: PruneConfig, eval_config: EvalConfig) -> li
     }
     overrides["utility"] = base.utility.to_dict() | entry.get("utility", {})
     group = str(entry.get("group") or MAIN_GROUP)
+    recover = entry.get("recover", False)
+    if not isinstance(recover, bool):
+        raise ConfigError(f"{where}: 'recover' must be true or false, got {recover!r}")
     cells = []
     for sparsity in sparsities:
         for seed in seeds:
@@ -239,7 +280,7 @@ def _expand(entry, index: int, base: PruneConfig, eval_config: EvalConfig) -> li
             config = _build(PruneConfig.from_dict, values, where)
             _check_registered(config, where)
             label = str(name) if name else _default_label(config)
-            cells.append(Cell(cell_key(config, eval_config), group, label, config))
+            cells.append(Cell(cell_key(config, eval_config), group, label, config, recover))
     return cells
 
 

@@ -1,7 +1,7 @@
 """Running a grid: prune and evaluate each cell not yet in the cache, one line per cell.
 
 A killed study resumes at its first unfinished cell (and inside a cell, an iterative method
-resumes at its first unfinished round). The report is the caller's to write
+resumes at its first unfinished round, a recovery at its last checkpoint). The report is the caller's to write
 (:func:`bonsai_prune.study.report.write_report`), from the cache alone.
 """
 
@@ -19,9 +19,11 @@ from bonsai_prune.methods import METHODS
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import load_model, resolve_dtype
 from bonsai_prune.models.pruned import is_pruned_dir, load_pruned
+from bonsai_prune.recover import recover
 from bonsai_prune.rundir import files as io
 from bonsai_prune.study.grid import (
     DENSE_LABEL,
+    RECOVERED_SUFFIX,
     Cell,
     CellOutcome,
     ExperimentResult,
@@ -29,6 +31,7 @@ from bonsai_prune.study.grid import (
     cell_dir,
     load_grid,
     read_cell,
+    recovered_key,
 )
 
 Loader = Callable[..., tuple]  # (spec, *, dtype, device) -> (model, tokenizer), like load_model
@@ -60,6 +63,11 @@ def run_experiment(
         outcome = _run_cell(grid, cell, load, progress)
         outcomes.append(outcome)
         print(f"[{number}/{len(cells)}] {_cell_line(grid, cell, outcome)}", flush=True)
+        if cell.recover and outcome.status != "failed":
+            outcome = _run_recovery(grid, cell, progress)
+            outcomes.append(outcome)
+            line = _cell_line(grid, cell, outcome, RECOVERED_SUFFIX)
+            print(f"[{number}/{len(cells)}] {line}", flush=True)
     return ExperimentResult(grid, outcomes, time.perf_counter() - began)
 
 
@@ -143,18 +151,54 @@ def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutco
     return CellOutcome(cell.key, cell.label, "ran", time.perf_counter() - began)
 
 
+def _run_recovery(grid: Grid, cell: Cell, progress: bool) -> CellOutcome:
+    """Distil a pruned cell from its dense parent (resuming a killed recovery) and evaluate it."""
+    key = recovered_key(grid, cell.key)
+    folder, label = cell_dir(grid, key), cell.label + RECOVERED_SUFFIX
+    record = read_cell(grid, key)
+    if record.done:
+        return CellOutcome(key, label, "cached", 0.0)
+    began = time.perf_counter()
+    run = folder / "run"
+    try:
+        if record.pruned and is_pruned_dir(run):  # only the evaluation was lost
+            model, tokenizer = load_pruned(run, device=cell.prune_config.device)
+        else:
+            started = (run / "report.json").is_file()
+            result = recover(
+                cell_dir(grid, cell.key) / "run",
+                run,
+                grid.recover_config,
+                resume=started,
+                overwrite=not started,
+                progress=progress,
+            )
+            model, tokenizer = result.model, result.tokenizer
+        model = model.to(resolve_dtype(cell.prune_config.dtype, cell.prune_config.device))
+        labelled = replace(grid.eval_config, model=str(run))
+        evaluate(
+            labelled, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress
+        )
+    except BonsaiPruneError as e:
+        return _failed(folder, key, label, e, began)
+    (folder / "error.json").unlink(missing_ok=True)
+    return CellOutcome(key, label, "ran", time.perf_counter() - began)
+
+
 def _failed(folder: Path, key: str, label: str, error: Exception, began: float) -> CellOutcome:
     message = f"{type(error).__name__}: {error}"
     io.atomic_write_json(folder / "error.json", {"error": message})
     return CellOutcome(key, label, "failed", time.perf_counter() - began, message)
 
 
-def _cell_line(grid: Grid, cell: Cell | None, outcome: CellOutcome) -> str:
+def _cell_line(grid: Grid, cell: Cell | None, outcome: CellOutcome, suffix: str = "") -> str:
     """One line per finished cell: what it is, then its headline figures or why it failed."""
     what = (
         DENSE_LABEL
         if cell is None
-        else (f"{cell.label} s={cell.prune_config.sparsity:g} seed={cell.prune_config.seed}")
+        else (
+            f"{cell.label}{suffix} s={cell.prune_config.sparsity:g} seed={cell.prune_config.seed}"
+        )
     )
     if outcome.status == "failed":
         return f"{what}: FAILED {outcome.error}"
@@ -164,6 +208,8 @@ def _cell_line(grid: Grid, cell: Cell | None, outcome: CellOutcome) -> str:
     s = record.summary or {}
     low, high = s.get("accuracy_strict_ci") or (None, None)
     prune_s = (record.prune_report or {}).get("wall_s")
+    if prune_s is None and (record.prune_report or {}).get("seconds"):  # a recovery's report
+        prune_s = sum(record.prune_report["seconds"].values())
     return (
         f"{what}: strict {_number(s.get('accuracy_strict'), 100, '.1f')}%"
         f" [{_number(low, 100, '.1f')}, {_number(high, 100, '.1f')}]"
