@@ -39,6 +39,7 @@ PAIRED_METRICS: tuple[tuple[str, str, float, str], ...] = (
 # One table column per figure: (header, value of a done record, format of a number).
 COLUMNS: tuple[tuple[str, Callable[[CellRecord], float | None], str], ...] = (
     ("strict acc. % [95% CI]", lambda r: _scaled(r.summary.get("accuracy_strict"), 100), ".1f"),
+    ("flexible acc. %", lambda r: _scaled(r.summary.get("accuracy_flexible"), 100), ".1f"),
     ("contains acc. %", lambda r: _scaled(r.summary.get("accuracy_contains"), 100), ".1f"),
     ("U† [95% CI]", lambda r: r.summary.get("u_dagger"), ".1f"),
     ("ref. ppl", lambda r: r.summary.get("reference_perplexity"), ".2f"),
