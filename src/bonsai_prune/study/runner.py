@@ -1,8 +1,8 @@
 """Running a grid: prune and evaluate each cell not yet in the cache, one line per cell.
 
 A killed study resumes at its first unfinished cell (and inside a cell, an iterative method
-resumes at its first unfinished round, a recovery at its last checkpoint). The report is the caller's to write
-(:func:`bonsai_prune.study.report.write_report`), from the cache alone.
+resumes at its first unfinished round, a recovery at its last checkpoint). The report is the
+caller's to write (:func:`bonsai_prune.study.report.write_report`), from the cache alone.
 """
 
 from __future__ import annotations
