@@ -349,6 +349,7 @@ def test_a_recovered_cell_is_distilled_evaluated_cached_and_reported(
     assert calls.reset() == {"load": 2, "prune": 1, "evaluate": 3}
     report = write_report(first).read_text(encoding="utf-8")
     assert "| random + recovery |" in report and "flexible acc. %" in report
+    assert "(pruning and recovery " in report
 
     second = run_experiment(path, progress=False, load=calls.load)
     assert [o.status for o in second.outcomes] == ["cached"] * 3

@@ -128,6 +128,14 @@ class CellRecord:
     def done(self) -> bool:
         return self.summary is not None and (self.dense or self.pruned)
 
+    @property
+    def run_seconds(self) -> float | None:
+        """Wall time of the prune call, or of a recovery (the sum of its timed parts)."""
+        report = self.prune_report or {}
+        if "wall_s" in report:
+            return report["wall_s"]
+        return sum(report["seconds"].values()) if report.get("seconds") else None
+
 
 @dataclass(frozen=True)
 class CellOutcome:

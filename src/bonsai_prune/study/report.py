@@ -45,20 +45,12 @@ COLUMNS: tuple[tuple[str, Callable[[CellRecord], float | None], str], ...] = (
     ("ref. ppl", lambda r: r.summary.get("reference_perplexity"), ".2f"),
     ("non-emb. params (M)", lambda r: _scaled(r.summary.get("non_embedding_params"), 1e-6), ".1f"),
     ("decode tok/s", lambda r: r.summary.get("decode_tokens_per_s"), ".1f"),
-    ("prune (recovery) s", lambda r: _run_seconds(r.prune_report), ".0f"),
+    ("prune (recovery) s", lambda r: r.run_seconds, ".0f"),
 )
 CI_COLUMNS = {
     "strict acc. % [95% CI]": ("accuracy_strict_ci", 100),
     "U† [95% CI]": ("u_dagger_ci", 1),
 }
-
-
-def _run_seconds(report: dict | None) -> float | None:
-    """A prune's wall time, or a recovery's (the sum of its timed parts)."""
-    report = report or {}
-    if "wall_s" in report:
-        return report["wall_s"]
-    return sum(report["seconds"].values()) if report.get("seconds") else None
 
 
 def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = None) -> Path:
@@ -110,7 +102,8 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
     runs = [records[c.key] for c in grid.unique_cells()]
     done = sum(r.done for r in runs)
     failed = sum(r.error is not None and not r.done for r in runs)
-    prune_s = sum((r.prune_report or {}).get("wall_s", 0.0) for r in runs if r.pruned)
+    trained = {c.key for c in grid.report_cells()}  # prunes and recoveries
+    prune_s = sum(records[k].run_seconds or 0.0 for k in trained if records[k].pruned)
     eval_s = sum(r.summary.get("wall_s", 0.0) for r in records.values() if r.summary)
     lines = [
         "# Experiment report",
@@ -124,7 +117,7 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         f"- Cells: {len(runs)} runs + dense; {done} done, {failed} failed, "
         f"{len(runs) - done - failed} not run yet.",
         f"- Wall time in the cache: {_hours(prune_s + eval_s)} "
-        f"(pruning {_hours(prune_s)}, evaluation {_hours(eval_s)})"
+        f"(pruning and recovery {_hours(prune_s)}, evaluation {_hours(eval_s)})"
         + (
             f"; this invocation {_hours(source.wall_s)}."
             if isinstance(source, ExperimentResult)
@@ -133,7 +126,8 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         "",
         "Rows with several seeds give mean ± sample standard deviation over seeds, then each seed. "
         "Parameters exclude the embeddings and the tied LM head; the sparsity column is the one "
-        "reached. `prune (recovery) s` is the wall time of the prune call (after a resume, its last part). "
+        "reached. `prune (recovery) s` is the wall time of the prune call (after a resume, its "
+        "last part), on a recovery row the recovery's (the sum of its timed parts). "
         "`decode tok/s` is what each evaluation measured while it ran: on a shared machine it "
         "reflects the load as much as the model (`bonsai-prune bench` measures speed-ups).",
     ]

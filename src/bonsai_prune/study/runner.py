@@ -141,10 +141,7 @@ def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutco
                 overwrite=not resume,
             )
             model = pruned.model
-        labelled = replace(grid.eval_config, model=str(run))  # sizes the files on disk
-        evaluate(
-            labelled, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress
-        )
+        _evaluate_run(grid, run, model, tokenizer, folder, progress)
     except BonsaiPruneError as e:
         return _failed(folder, cell.key, cell.label, e, began)
     (folder / "error.json").unlink(missing_ok=True)
@@ -175,14 +172,18 @@ def _run_recovery(grid: Grid, cell: Cell, progress: bool) -> CellOutcome:
             )
             model, tokenizer = result.model, result.tokenizer
         model = model.to(resolve_dtype(cell.prune_config.dtype, cell.prune_config.device))
-        labelled = replace(grid.eval_config, model=str(run))
-        evaluate(
-            labelled, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress
-        )
+        _evaluate_run(grid, run, model, tokenizer, folder, progress)
     except BonsaiPruneError as e:
         return _failed(folder, key, label, e, began)
     (folder / "error.json").unlink(missing_ok=True)
     return CellOutcome(key, label, "ran", time.perf_counter() - began)
+
+
+def _evaluate_run(grid: Grid, run: Path, model, tokenizer, folder: Path, progress: bool) -> None:
+    """Evaluate a pruned (or recovered) run's model into ``folder/eval``; the evaluation names
+    ``run`` as the model, so it sizes the files on disk."""
+    labelled = replace(grid.eval_config, model=str(run))
+    evaluate(labelled, model=model, tokenizer=tokenizer, out_dir=folder / "eval", progress=progress)
 
 
 def _failed(folder: Path, key: str, label: str, error: Exception, began: float) -> CellOutcome:
@@ -207,9 +208,7 @@ def _cell_line(grid: Grid, cell: Cell | None, outcome: CellOutcome, suffix: str 
     record = read_cell(grid, outcome.key)
     s = record.summary or {}
     low, high = s.get("accuracy_strict_ci") or (None, None)
-    prune_s = (record.prune_report or {}).get("wall_s")
-    if prune_s is None and (record.prune_report or {}).get("seconds"):  # a recovery's report
-        prune_s = sum(record.prune_report["seconds"].values())
+    prune_s = record.run_seconds
     return (
         f"{what}: strict {_number(s.get('accuracy_strict'), 100, '.1f')}%"
         f" [{_number(low, 100, '.1f')}, {_number(high, 100, '.1f')}]"
