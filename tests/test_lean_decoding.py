@@ -33,6 +33,13 @@ def hf_greedy(model, ids, mask, **kwargs) -> torch.Tensor:
     )
 
 
+def assert_sliced_decodes_as_transformers(model, keep: torch.Tensor) -> None:
+    adapter_for(model).slice(model, keep)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+
+
 def lean_greedy(model, ids, mask) -> torch.Tensor:
     assert why_not_lean(model) is None
     return greedy_decode(model, ids, mask, NEW, pad_token_id=0)
@@ -61,10 +68,7 @@ def test_a_short_last_group_decodes_as_transformers(family):
     keep = torch.ones(adapter.layout(model).n_units, dtype=torch.bool)
     heads = adapter.layout(model).modules[0]
     keep[heads.offset + heads.n_units - 1] = False
-    adapter.slice(model, keep)
-    ids, mask = ids_and_mask()
-    with torch.no_grad():
-        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+    assert_sliced_decodes_as_transformers(model, keep)
 
 
 @pytest.mark.parametrize("family", LEAN)
@@ -73,10 +77,7 @@ def test_emptied_attention_layer_decodes_as_transformers(family):
     adapter = adapter_for(model)
     keep = uneven_keep(model)
     keep[adapter.layout(model).modules[0].units] = False
-    adapter.slice(model, keep)
-    ids, mask = ids_and_mask()
-    with torch.no_grad():
-        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+    assert_sliced_decodes_as_transformers(model, keep)
 
 
 @pytest.mark.parametrize("family", LEAN)
