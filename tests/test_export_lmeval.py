@@ -13,9 +13,15 @@ import yaml
 from bonsai_prune.config import EvalConfig
 from bonsai_prune.core.metrics import strict_accuracy
 from bonsai_prune.data.problems import load_gsm8k
-from bonsai_prune.data.prompts import exemplars, worked_solution
+from bonsai_prune.data.prompts import exemplars, format_prompt, worked_solution
 from bonsai_prune.eval.gsm8k import evaluate
-from bonsai_prune.export.lmeval import SAME_PROMPT_TASK, TASK_NAME, lm_eval_command, write_task
+from bonsai_prune.export.lmeval import (
+    CHAT_TASK,
+    SAME_PROMPT_TASK,
+    TASK_NAME,
+    lm_eval_command,
+    write_task,
+)
 from bonsai_prune.models import adapter_for, load_model
 from bonsai_prune.models.pruned import save_model
 
@@ -62,6 +68,44 @@ def test_same_prompt_task_uses_evaluates_exemplars_first_n(tmp_path):
     assert {k: v for k, v in task.items() if k not in kept} == {
         k: v for k, v in stock.items() if k not in kept
     }
+
+
+def test_chat_task_changes_only_the_prompt_shots_and_stops(tmp_path):
+    folder = write_task(tmp_path / "task")
+    task = yaml.safe_load((folder / f"{CHAT_TASK}.yaml").read_text())
+    stock = yaml.safe_load((folder / f"{TASK_NAME}.yaml").read_text())
+    assert task["num_fewshot"] == 0 and task["generation_kwargs"]["until"] == ["<|im_end|>"]
+    kept = {"task", "doc_to_text", "num_fewshot", "generation_kwargs"}
+    assert {k: v for k, v in task.items() if k not in kept} == {
+        k: v for k, v in stock.items() if k not in kept
+    }
+    assert "--apply_chat_template" in lm_eval_command(tmp_path, folder, task=CHAT_TASK)
+    assert "--apply_chat_template" not in lm_eval_command(tmp_path, folder)
+
+
+def test_lm_eval_writes_evaluates_chat_prompt(tmp_path, tokenizer):
+    """lm-eval's context for the chat task, through the model's chat template as lm-eval's hf
+    model applies it, is the text `evaluate` feeds the model (prompt chat, zero-shot)."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install .[lmeval])")
+    from lm_eval.tasks import TaskManager
+
+    folder = write_task(tmp_path / "task")
+    task = TaskManager(include_path=str(folder)).load([CHAT_TASK])["tasks"][CHAT_TASK]
+
+    def chat_template(history, add_generation_prompt=True):  # lm_eval HFLM.apply_chat_template
+        return tokenizer.apply_chat_template(
+            history,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )
+
+    problems = load_gsm8k("test")[:3]
+    for doc, problem in zip(list(task.test_docs())[:3], problems, strict=True):
+        context = task.fewshot_context(
+            doc, 0, apply_chat_template=True, chat_template=chat_template
+        )
+        assert context == format_prompt(tokenizer, problem.question, "chat")
 
 
 @pytest.mark.slow

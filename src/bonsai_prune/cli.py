@@ -189,14 +189,21 @@ def _cmd_export(args) -> int:
 
         print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype)}")
     else:
-        from bonsai_prune.export.lmeval import SAME_PROMPT_TASK, lm_eval_command, write_task
+        from bonsai_prune.export.lmeval import (
+            CHAT_TASK,
+            SAME_PROMPT_TASK,
+            lm_eval_command,
+            write_task,
+        )
 
         folder = write_task(args.out)
         print(
             f"wrote the offline tasks to {folder}; lm-eval's own GSM8K (random exemplars):\n"
             f"  {' '.join(lm_eval_command(args.run, folder))}\n"
             "the prompt of `bonsai-prune evaluate --prompt plain --shots 5`:\n"
-            f"  {' '.join(lm_eval_command(args.run, folder, task=SAME_PROMPT_TASK))}"
+            f"  {' '.join(lm_eval_command(args.run, folder, task=SAME_PROMPT_TASK))}\n"
+            "the prompt of `bonsai-prune evaluate` (chat template, zero-shot):\n"
+            f"  {' '.join(lm_eval_command(args.run, folder, task=CHAT_TASK))}"
         )
     return 0
 
