@@ -26,7 +26,13 @@ from pathlib import Path
 
 from bonsai_prune.core.metrics import flexible_accuracy, strict_accuracy
 from bonsai_prune.eval.stats import wilson_interval
-from bonsai_prune.export.lmeval import CHAT_TASK, SAME_PROMPT_TASK, lm_eval_command, write_task
+from bonsai_prune.export.lmeval import (
+    CHAT_TASK,
+    DEFAULT_SHOTS,
+    SAME_PROMPT_TASK,
+    lm_eval_command,
+    write_task,
+)
 from bonsai_prune.models.loading import dequantised_default
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -50,7 +56,7 @@ def main() -> int:
     task_name = TASKS[args.prompt]
     folder = dequantised_default() if args.model == "default" else Path(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
-    task = write_task(args.out / "task", shots=args.shots)
+    task = write_task(args.out / "task", shots=args.shots or DEFAULT_SHOTS)  # plain task's shots
 
     lm_dir = args.out / "lm_eval"
     if not list(lm_dir.rglob(f"samples_{task_name}_*.jsonl")):

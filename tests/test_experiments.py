@@ -69,7 +69,11 @@ BAD_GRIDS = {
     ),
     "top-level key": (
         {**grid({"method": "wanda"}), "cell": []},
-        "grid file: unknown key 'cell'; known: out, eval, base, recover, cells",
+        "grid file: unknown key 'cell'; known: out, report, eval, base, recover, full_eval, cells",
+    ),
+    "full_eval not a flag": (
+        {**grid({"method": "wanda"}), "full_eval": "yes"},
+        "grid file: 'full_eval' must be true or false, got 'yes'",
     ),
     "eval names the model": (
         {**grid({"method": "wanda"}), "eval": {"model": "x"}},
@@ -205,6 +209,7 @@ def test_the_second_study_covers_issue_20s_grid():
         for sparsity in (0.2, 0.35):
             assert {(method, sparsity, seed, seed == 0) for seed in (0, 1, 2)} <= main
     assert g.eval_config.limit == 300 and g.eval_config.max_new_tokens == 256
+    assert g.full_eval and g.full_eval_config.limit is None  # all 1,319 for the best models
 
 
 @pytest.mark.parametrize("name", ["grid-session.yaml", "grid-gpu.yaml"])
@@ -354,3 +359,67 @@ def test_a_recovered_cell_is_distilled_evaluated_cached_and_reported(
     second = run_experiment(path, progress=False, load=calls.load)
     assert [o.status for o in second.outcomes] == ["cached"] * 3
     assert calls.reset() == {"load": 0, "prune": 0, "evaluate": 0}
+
+
+def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems(
+    tmp_path, tokenizer, monkeypatch
+):
+    """full_eval: true evaluates the dense model and, per sparsity, the main model with the
+    highest U† again on the whole split (here 3 problems, patched, to stay fast), into
+    eval-full/; the report (in the grid's `report` folder) shows them beside the dense model;
+    a second run finds them cached. Evaluations made before lm-eval's rules gain them."""
+    import dataclasses
+
+    from bonsai_prune.study import grid as grid_module
+
+    monkeypatch.setattr(
+        grid_module.Grid,
+        "full_eval_config",
+        property(lambda g: dataclasses.replace(g.eval_config, limit=3)),
+    )
+    data = {
+        **TINY_GRID,
+        "out": str(tmp_path / "out"),
+        "report": str(tmp_path / "report"),
+        "full_eval": True,
+        "cells": [
+            {"method": "random", "sparsity": 0.2, "seeds": [0, 1]},
+            {"method": "magnitude", "sparsity": 0.1},
+        ],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    calls = Calls(monkeypatch, tokenizer)
+    first = run_experiment(path, progress=False, load=calls.load)
+    # dense, dense on the whole split, 3 cells, then the best at 0.1 and at 0.2 on the whole split
+    assert [o.status for o in first.outcomes] == ["ran"] * 7
+    assert calls.counts["evaluate"] == 7
+    cells = {c.key: c for c in first.grid.cells}
+    out = tmp_path / "out" / "cells"
+    full = sorted(p.parent.parent.name for p in out.glob("*/eval-full/summary.json"))
+    assert len(full) == 3 and first.grid.dense_key in full
+    seeds = [k for k, c in cells.items() if c.label == "random"]
+    u = {k: json.loads((out / k / "eval" / "summary.json").read_text())["u_dagger"] for k in seeds}
+    best = max(seeds, key=lambda k: u[k])
+    assert best in full and (u[seeds[0]] == u[seeds[1]] or min(seeds, key=u.get) not in full)
+    summary = json.loads((out / best / "eval-full" / "summary.json").read_text())
+    assert summary["n"] == 3 and "accuracy_strict_match" in summary
+
+    report = write_report(first)
+    assert report == tmp_path / "report" / "report.md"
+    text = report.read_text(encoding="utf-8")
+    assert "## The whole test split" in text and "lm-eval strict-match %" in text
+    assert len(re.findall(r"\| (dense|random|magnitude) \| [\d.]+ \| 3 \|", text)) == 3
+
+    calls.reset()
+    # an evaluation cached before lm-eval's rules existed: they are added from its texts
+    dense_eval = out / first.grid.dense_key / "eval"
+    before = json.loads((dense_eval / "summary.json").read_text())
+    stripped = {k: v for k, v in before.items() if "strict_match" not in k and "extract" not in k}
+    (dense_eval / "summary.json").write_text(json.dumps(stripped))
+    second = run_experiment(path, progress=False, load=calls.load)
+    assert {o.status for o in second.outcomes} == {"cached"}
+    assert calls.reset()["evaluate"] == 0
+    after = json.loads((dense_eval / "summary.json").read_text())
+    assert after["accuracy_strict_match"] == before["accuracy_strict_match"]
+    assert after["accuracy_flexible_extract_ci"] == before["accuracy_flexible_extract_ci"]

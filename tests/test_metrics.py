@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bonsai_prune.core.metrics import (
     ACCURACY_RULES,
     LEXICAL_METRICS,
+    LM_EVAL_RULES,
     clean_text,
     contains_accuracy,
     extract_flexible,
@@ -275,3 +278,49 @@ def test_registries_name_the_variants() -> None:
         "flexible": flexible_accuracy,
         "contains": contains_accuracy,
     }
+
+
+LM_EVAL_CASES = [
+    "so #### 1800",
+    "#### 1,800.",
+    "#### $1800",
+    "#### 1800.00",
+    "The answer is 1800",
+    "x 1800 y",
+    "1800.",
+    "#### 18 then #### 1800",
+    "#### -5 and 1800",
+    "",
+    "no number at all",
+    "$1,800 is the cost",
+]
+
+
+@pytest.mark.parametrize("reference", ["Some steps.\n#### 1,800", "1800", "#### -5"])
+def test_lm_eval_rules_are_lm_evals_own_filters_and_metric(reference):
+    """Our copies of lm-eval's gsm8k strict-match and flexible-extract give what lm-eval's own
+    RegexFilter + exact_match give on the stock task's settings, text by text."""
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install .[lmeval])")
+    import lm_eval
+    import yaml
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    stock = yaml.safe_load(
+        (Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text()
+    )
+    metric = {
+        k: v
+        for k, v in stock["metric_list"][0].items()
+        if k not in ("metric", "aggregation", "higher_is_better")
+    }
+    for name in LM_EVAL_RULES:
+        steps = next(f for f in stock["filter_list"] if f["name"] == name.replace("_", "-"))
+        regex = steps["filter"][0]
+        extract = RegexFilter(
+            regex_pattern=regex["regex_pattern"], group_select=regex.get("group_select", 0)
+        )
+        for text in LM_EVAL_CASES:
+            extracted = list(extract.apply([[text]], [{}]))[0][0]
+            theirs = exact_match_hf_evaluate([extracted], [reference], **metric)["exact_match"]
+            assert LM_EVAL_RULES[name](text, reference) == float(theirs), (name, text)

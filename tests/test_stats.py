@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from bonsai_prune.eval.stats import bootstrap_ci, paired_difference, wilson_interval
+from bonsai_prune.eval.stats import (
+    bootstrap_ci,
+    paired_difference,
+    paired_ratio,
+    wilson_interval,
+)
 
 # --- bootstrap_ci -------------------------------------------------------------------------------
 
@@ -79,3 +84,13 @@ def test_wilson_interval_narrows_with_n():
 def test_wilson_interval_rejects_impossible_counts(k, n):
     with pytest.raises(ValueError):
         wilson_interval(k, n)
+
+
+def test_paired_ratio_is_the_ratio_of_means_with_a_paired_ci():
+    dense = [1.0, 0.0, 1.0, 0.0] * 25  # 50%
+    pruned = [1.0, 0.0, 0.0, 0.0] * 25  # 25%: half of the dense model's hits kept
+    ratio, low, high = paired_ratio(pruned, dense, 500, 0)
+    assert ratio == pytest.approx(0.5) and low < 0.5 < high and 0 <= low and high <= 1.0
+    assert paired_ratio(pruned, dense, 500, 0) == (ratio, low, high)  # seeded
+    assert paired_ratio([1.0], [0.0], 100, 0) is None  # nothing to keep a share of
+    assert paired_ratio([1.0, 0.0], [1.0], 100, 0) is None  # not the same problems

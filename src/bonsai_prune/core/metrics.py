@@ -145,6 +145,34 @@ def contains_accuracy(output: str, reference: str, finished: bool = True) -> flo
     return float(expected in output.replace(",", ""))
 
 
+# lm-evaluation-harness gsm8k, exactly (tasks/gsm8k/gsm8k.yaml): the two filters' patterns, and
+# what exact_match ignores on both sides (ignore_case too). "[invalid]" is its no-match value.
+_LM_EVAL_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_LM_EVAL_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_LM_EVAL_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")
+
+
+def _lm_eval_match(extracted: str, reference: str) -> float:
+    """lm-eval's exact_match: both sides stripped of ``_LM_EVAL_IGNORE``, compared lower-case."""
+    for pattern in _LM_EVAL_IGNORE:
+        extracted, reference = re.sub(pattern, "", extracted), re.sub(pattern, "", reference)
+    return float(extracted.lower() == reference.lower())
+
+
+def lm_eval_strict_match(output: str, reference: str, finished: bool = True) -> float:
+    """lm-evaluation-harness's gsm8k strict-match, exactly: the first '#### n', compared as text
+    with the reference's answer ("18.00" is not "18", unlike :func:`strict_accuracy`)."""
+    match = _LM_EVAL_STRICT.findall(output)
+    return _lm_eval_match(match[0].strip() if match else "[invalid]", reference)
+
+
+def lm_eval_flexible_extract(output: str, reference: str, finished: bool = True) -> float:
+    """lm-evaluation-harness's gsm8k flexible-extract, exactly: the last number-like run."""
+    matches = _LM_EVAL_FLEXIBLE.findall(output)
+    found = [group for group in matches[-1] if group] if matches else []
+    return _lm_eval_match(found[0].strip() if found else "[invalid]", reference)
+
+
 def clean_text(text: str) -> str:
     """Drop GSM8K calculator annotations and the '####' marker (its number stays), squash spaces.
 
@@ -259,6 +287,11 @@ ACCURACY_RULES: dict[str, AccuracyRule] = {
     "strict": strict_accuracy,
     "flexible": flexible_accuracy,
     "contains": contains_accuracy,  # the original U† study's rule
+}
+# lm-evaluation-harness's two gsm8k rules, exactly: reported beside ours (accuracy_<name>)
+LM_EVAL_RULES: dict[str, AccuracyRule] = {
+    "strict_match": lm_eval_strict_match,
+    "flexible_extract": lm_eval_flexible_extract,
 }
 
 

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bonsai_prune.config import EvalConfig
+from bonsai_prune.core.metrics import LM_EVAL_RULES
 from bonsai_prune.data.calibration import build_batch
 from bonsai_prune.data.problems import Problem, load_gsm8k
 from bonsai_prune.data.prompts import exemplars, format_prompt
@@ -41,7 +42,12 @@ from bonsai_prune.utility.base import answer_probability, solution_nll
 from bonsai_prune.utility.combine import score_texts
 from bonsai_prune.utility.generation import generate_greedy
 
-PROPORTIONS = ("accuracy_strict", "accuracy_flexible", "accuracy_contains")  # Wilson intervals
+PROPORTIONS = (  # Wilson intervals; ours, then lm-evaluation-harness's rules (exactly)
+    "accuracy_strict",
+    "accuracy_flexible",
+    "accuracy_contains",
+    *(f"accuracy_{name}" for name in LM_EVAL_RULES),
+)
 CI_METRICS = (*PROPORTIONS, "u_dagger")
 MEAN_METRICS = (*PROPORTIONS, "lexical", "semantic", "answer_prob", "u_dagger")
 
@@ -226,6 +232,33 @@ def write_result(result: EvalResult, out: Path) -> None:
     atomic_write_json(out / "summary.json", result.summary)
 
 
+def add_lm_eval_accuracies(out: str | Path) -> bool:
+    """Score a saved evaluation (``out``: generations.jsonl and summary.json) with
+    lm-evaluation-harness's two rules if it predates them; True if it changed anything.
+
+    They read only the generated text, so a cached study cell gains the figures without a
+    re-run. Files are rewritten atomically, generations first (as :func:`write_result` does).
+    """
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    keys = {f"accuracy_{name}": rule for name, rule in LM_EVAL_RULES.items()}
+    if all(key in summary for key in keys):
+        return False
+    lines = (out / "generations.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    for record in records:
+        for key, rule in keys.items():
+            record[key] = rule(record["prediction"], record["reference"])
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(out / "generations.jsonl", text)
+    for key in keys:
+        hits = [r[key] for r in records]
+        summary[key] = float(np.mean(hits)) if hits else None
+        summary[f"{key}_ci"] = list(wilson_interval(sum(hits), len(hits))) if hits else None
+    atomic_write_json(out / "summary.json", summary)
+    return True
+
+
 def _records(
     problems: list[Problem], generations: Generations, nll: torch.Tensor, per_item: list[dict]
 ) -> list[dict]:
@@ -350,6 +383,8 @@ def format_summary(summary: dict) -> str:
         ("accuracy (strict)", ratio("accuracy_strict")),
         ("accuracy (flexible)", ratio("accuracy_flexible")),
         ("accuracy (contains)", ratio("accuracy_contains")),
+        ("lm-eval strict-match", ratio("accuracy_strict_match")),
+        ("lm-eval flexible-extract", ratio("accuracy_flexible_extract")),
         ("lexical", optional("lexical", "{:.3f}")),
         ("semantic", optional("semantic", "{:.3f}")),
         ("U† (0-100)", ratio("u_dagger", scale=1.0, unit="")),

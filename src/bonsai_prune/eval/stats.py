@@ -76,3 +76,35 @@ def paired_difference(
         return None
     low, high = bootstrap_ci(diffs, n_resamples, seed)
     return statistics.fmean(diffs), low, high
+
+
+def paired_ratio(
+    values: list[float | None],
+    baseline: list[float | None],
+    n_resamples: int,
+    seed: int,
+    level: float = CI_LEVEL,
+) -> tuple[float, float, float] | None:
+    """``mean(values) / mean(baseline)`` over the same items (a pruned model's accuracy kept
+    relative to its dense parent's) and its paired percentile-bootstrap CI.
+
+    Both sides are resampled with the same item indices, so how hard the drawn problems are
+    cancels, as in :func:`paired_difference`. Resamples whose baseline mean is 0 have no ratio
+    and are left out. None if the lists differ in length, no item is left or the baseline
+    mean is 0.
+    """
+    if len(values) != len(baseline):
+        return None
+    pairs = np.asarray(
+        [(a, b) for a, b in zip(values, baseline, strict=True) if a is not None and b is not None],
+        dtype=np.float64,
+    )  # (n, 2)
+    if pairs.size == 0 or pairs[:, 1].mean() == 0:
+        return None
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, len(pairs), size=(n_resamples, len(pairs)))  # (R, n)
+    means = pairs[index].mean(axis=1)  # (R, 2)
+    ratios = means[means[:, 1] > 0, 0] / means[means[:, 1] > 0, 1]
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(ratios, [tail, 1.0 - tail])
+    return float(pairs[:, 0].mean() / pairs[:, 1].mean()), float(low), float(high)

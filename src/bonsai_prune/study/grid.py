@@ -28,6 +28,11 @@ A cell with ``recover: true`` is also distilled from its dense parent (the grid'
 ``recover`` mapping holds RecoverConfig fields; default: recover's defaults) and evaluated again:
 ``cells/<key>/recovered-<hash>/`` holds that run/ and eval/, and the report shows it as a row
 "<label> + recovery" (its key, :func:`recovered_key`, is the cell's key plus that folder).
+
+``full_eval: true`` also evaluates, on the whole split (the eval mapping without its limit), the
+dense model and, at each sparsity, the finished main model (a prune or a recovery) with the
+highest U† (:func:`full_eval_keys`): into ``cells/<key>/eval-full/``. ``report: DIR`` writes
+report.md and the plots there instead of ``out``.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from bonsai_prune.rundir import files as io
 
 MAIN_GROUP = "main"
 DENSE_LABEL = "dense"
-TOP_KEYS = ("out", "eval", "base", "recover", "cells")
+TOP_KEYS = ("out", "report", "eval", "base", "recover", "full_eval", "cells")
+FULL_EVAL_DIR = "eval-full"  # a cell's evaluation on the whole split (full_eval: true)
 CELL_KEYS = ("name", "group", "sparsities", "seeds", "recover")  # besides the PruneConfig fields
 RECOVER_KEYS = tuple(f.name for f in dataclasses.fields(RecoverConfig))
 RECOVERED_SUFFIX = " + recovery"
@@ -81,6 +87,13 @@ class Grid:
     dense_key: str
     cells: tuple[Cell, ...]
     recover_config: RecoverConfig = dataclasses.field(default_factory=RecoverConfig)
+    full_eval: bool = False  # the dense model and the best main model per sparsity, whole split
+    report_dir: Path | None = None  # report.md and plots (default: out)
+
+    @property
+    def full_eval_config(self) -> EvalConfig:
+        """The grid's evaluation on the whole split."""
+        return dataclasses.replace(self.eval_config, limit=None)
 
     def unique_cells(self) -> list[Cell]:
         """One cell per key, in file order (the first label and group a key appears under),
@@ -119,6 +132,7 @@ class CellRecord:
     prune_report: dict | None  # run/report.json
     error: str | None  # error.json of the last failed attempt
     structure: dict | None  # per-layer sizes: the run's, or the dense model's
+    full_summary: dict | None = None  # eval-full/summary.json: the whole split (full_eval)
 
     @property
     def pruned(self) -> bool:
@@ -207,8 +221,13 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
     _check_keys(recover_data, RECOVER_KEYS, "recover")
     recover_config = _build(RecoverConfig.from_dict, recover_data, "recover")
     out = data.get("out") or "results"
-    if not isinstance(out, str):
-        raise ConfigError(f"grid file: 'out' must be a directory path, got {out!r}")
+    report_dir = data.get("report")
+    for name, value in (("out", out), ("report", report_dir)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"grid file: {name!r} must be a directory path, got {value!r}")
+    full_eval = data.get("full_eval", False)
+    if not isinstance(full_eval, bool):
+        raise ConfigError(f"grid file: 'full_eval' must be true or false, got {full_eval!r}")
     dense = {key: getattr(base, key) for key in EVAL_FROM_BASE} | {"eval": eval_config.to_dict()}
     return Grid(
         path=path,
@@ -218,6 +237,8 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
         dense_key=f"{DENSE_LABEL}-{_digest(dense)}",
         cells=tuple(cells),
         recover_config=recover_config,
+        full_eval=full_eval,
+        report_dir=Path(report_dir) if report_dir else None,
     )
 
 
@@ -368,4 +389,22 @@ def read_cell(grid: Grid, key: str) -> CellRecord:
         prune_report=report,
         error=error["error"] if error else None,
         structure=structure,
+        full_summary=optional(folder / FULL_EVAL_DIR / "summary.json"),
     )
+
+
+def full_eval_keys(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
+    """The keys ``full_eval`` evaluates on the whole split: the dense model's, then per sparsity
+    the finished main-group model (prune or recovery) with the highest U† on the grid's
+    problems. U† picks because accuracy at this scale is a few percent and ties; a model that
+    was once the best keeps its whole-split evaluation in the cache when a better one lands."""
+    best: dict[float, tuple[float, str]] = {}
+    for cell in grid.report_cells():
+        record = records.get(cell.key)
+        if cell.group != MAIN_GROUP or record is None or not record.done:
+            continue
+        score = record.summary.get("u_dagger")
+        sparsity = cell.prune_config.sparsity
+        if score is not None and (sparsity not in best or score > best[sparsity][0]):
+            best[sparsity] = (score, cell.key)
+    return [grid.dense_key, *(best[s][1] for s in sorted(best))]

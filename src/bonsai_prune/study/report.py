@@ -15,10 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bonsai_prune.core.weights import format_weights
-from bonsai_prune.eval.stats import paired_difference
+from bonsai_prune.eval.stats import paired_difference, paired_ratio
 from bonsai_prune.rundir import files as io
 from bonsai_prune.study.grid import (
     DENSE_LABEL,
+    FULL_EVAL_DIR,
     MAIN_GROUP,
     Cell,
     CellRecord,
@@ -41,6 +42,16 @@ COLUMNS: tuple[tuple[str, Callable[[CellRecord], float | None], str], ...] = (
     ("strict acc. % [95% CI]", lambda r: _scaled(r.summary.get("accuracy_strict"), 100), ".1f"),
     ("flexible acc. %", lambda r: _scaled(r.summary.get("accuracy_flexible"), 100), ".1f"),
     ("contains acc. %", lambda r: _scaled(r.summary.get("accuracy_contains"), 100), ".1f"),
+    (
+        "lm-eval strict-match %",
+        lambda r: _scaled(r.summary.get("accuracy_strict_match"), 100),
+        ".1f",
+    ),
+    (
+        "lm-eval flexible-extract %",
+        lambda r: _scaled(r.summary.get("accuracy_flexible_extract"), 100),
+        ".1f",
+    ),
     ("U† [95% CI]", lambda r: r.summary.get("u_dagger"), ".1f"),
     ("ref. ppl", lambda r: r.summary.get("reference_perplexity"), ".2f"),
     ("non-emb. params (M)", lambda r: _scaled(r.summary.get("non_embedding_params"), 1e-6), ".1f"),
@@ -54,10 +65,11 @@ CI_COLUMNS = {
 
 
 def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = None) -> Path:
-    """Write report.md and the plots into ``out_dir`` (default: the grid's ``out``); return the
-    report's path. ``source``: a finished ``run_experiment`` result, or a grid from ``load_grid``."""
+    """Write report.md and the plots into ``out_dir`` (default: the grid's ``report``, else its
+    ``out``); return the report's path. ``source``: a finished ``run_experiment`` result, or a
+    grid from ``load_grid``."""
     grid = source.grid if isinstance(source, ExperimentResult) else source
-    out = Path(out_dir) if out_dir is not None else grid.out
+    out = Path(out_dir) if out_dir is not None else (grid.report_dir or grid.out)
     out.mkdir(parents=True, exist_ok=True)
     shown = grid.report_cells()  # each recovered cell followed by its recovery
     records = {key: read_cell(grid, key) for key in {c.key for c in shown} | {grid.dense_key}}
@@ -79,6 +91,7 @@ def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = N
             at = [c for c in cells if c.prune_config.sparsity == sparsity]
             lines += ["", f"### Sparsity {sparsity:g}", "", *_table(at, records, dense)]
             lines += _paired_table(grid, at, records)
+    lines += _full_split_table(grid, shown, records)
     layer_plots = [name for name in plots if name.startswith("layers_")]
     if layer_plots:
         lines += ["", "## Kept units per layer (main methods, first seed)", ""]
@@ -246,10 +259,78 @@ def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord])
     return lines
 
 
-def _per_problem(grid: Grid, record: CellRecord) -> list[dict] | None:
-    """The evaluation's per-problem records (generations.jsonl), or None if not there."""
-    path = cell_dir(grid, record.key) / "eval" / "generations.jsonl"
-    if not record.done or not path.is_file():
+def _full_split_table(grid: Grid, shown: list[Cell], records: dict[str, CellRecord]) -> list[str]:
+    """The whole-split evaluations (``full_eval``): each model's figures, and its strict accuracy
+    beside the dense model's on the same problems (kept share and difference, paired)."""
+    dense = records[grid.dense_key]
+    labels = {c.key: (c.label, c.prune_config.sparsity) for c in shown}
+    keys = [k for k, r in records.items() if r.full_summary and k != grid.dense_key]
+    keys.sort(key=lambda k: (labels[k][1], labels[k][0]))
+    if dense.full_summary is None and not keys:
+        return []
+    base = _per_problem(grid, dense, FULL_EVAL_DIR)
+    e = grid.eval_config
+    headers = [
+        "model", "sparsity", "n", "strict acc. % [95% CI]", "flexible acc. % [95% CI]",
+        "lm-eval strict-match % [95% CI]", "lm-eval flexible-extract % [95% CI]",
+        "U† [95% CI]", "ref. ppl", "strict kept (x dense) [95% CI]", "Δ strict (points) [95% CI]",
+    ]  # fmt: skip
+    lines = [
+        "",
+        "## The whole test split",
+        "",
+        "The dense model and, at each sparsity, the main model with the highest U† above, "
+        "evaluated on every problem of the split (`full_eval: true`). *Kept*: strict accuracy "
+        "over the dense model's on the same problems, with a paired bootstrap CI (the original "
+        "U† study kept 3% at 40% sparsity); Δ: the paired difference.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
+    for key in ([grid.dense_key] if dense.full_summary else []) + keys:
+        s = records[key].full_summary
+        label, sparsity = labels.get(key, (DENSE_LABEL, 0.0))
+        texts = [
+            label,
+            f"{sparsity:g}",
+            str(s.get("n")),
+            _with_ci(s, "accuracy_strict", 100, ".1f"),
+            _with_ci(s, "accuracy_flexible", 100, ".1f"),
+            _with_ci(s, "accuracy_strict_match", 100, ".1f"),
+            _with_ci(s, "accuracy_flexible_extract", 100, ".1f"),
+            _with_ci(s, "u_dagger", 1, ".1f"),
+            _fmt(s.get("reference_perplexity"), ".2f"),
+        ]
+        rows = _per_problem(grid, records[key], FULL_EVAL_DIR)
+        pairs = None if rows is None or base is None or key == grid.dense_key else (
+            [r.get("accuracy_strict") for r in rows],
+            [r.get("accuracy_strict") for r in base],
+        )  # fmt: skip
+        kept = pairs and paired_ratio(*pairs, e.n_bootstrap, e.seed)
+        diff = pairs and paired_difference(*pairs, e.n_bootstrap, e.seed)
+        texts.append(_triple(kept, 1, ".2f"))
+        texts.append(_triple(diff, 100, "+.1f"))
+        lines.append("| " + " | ".join(texts) + " |")
+    return lines
+
+
+def _with_ci(summary: dict, key: str, scale: float, fmt: str) -> str:
+    ci = summary.get(f"{key}_ci")
+    text = _fmt(_scaled(summary.get(key), scale), fmt)
+    return text + (f" [{_fmt(scale * ci[0], fmt)}, {_fmt(scale * ci[1], fmt)}]" if ci else "")
+
+
+def _triple(value: tuple[float, float, float] | None, scale: float, fmt: str) -> str:
+    if not value:
+        return "n/a"
+    mean, low, high = (scale * v for v in value)
+    return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
+def _per_problem(grid: Grid, record: CellRecord, folder: str = "eval") -> list[dict] | None:
+    """An evaluation's per-problem records (generations.jsonl), or None if not there."""
+    path = cell_dir(grid, record.key) / folder / "generations.jsonl"
+    if not path.is_file() or (folder == "eval" and not record.done):
         return None
     with path.open(encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.strip()]

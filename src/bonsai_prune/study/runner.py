@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bonsai_prune.api import prune
 from bonsai_prune.errors import BonsaiPruneError, ConfigError
-from bonsai_prune.eval.gsm8k import evaluate
+from bonsai_prune.eval.gsm8k import add_lm_eval_accuracies, evaluate
 from bonsai_prune.methods import METHODS
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import load_model, resolve_dtype
@@ -23,12 +23,14 @@ from bonsai_prune.recover import recover
 from bonsai_prune.rundir import files as io
 from bonsai_prune.study.grid import (
     DENSE_LABEL,
+    FULL_EVAL_DIR,
     RECOVERED_SUFFIX,
     Cell,
     CellOutcome,
     ExperimentResult,
     Grid,
     cell_dir,
+    full_eval_keys,
     load_grid,
     read_cell,
     recovered_key,
@@ -56,9 +58,12 @@ def run_experiment(
     grid = load_grid(grid_path)
     load = load or load_model
     cells = _select(grid, only)
+    _upgrade_cache(grid)
     print(f"experiment {grid.path}: {len(cells)} cell(s) + dense -> {grid.out}", flush=True)
     outcomes = [_run_dense(grid, load, progress)]
     print(f"[dense] {_cell_line(grid, None, outcomes[0])}", flush=True)
+    if grid.full_eval:  # the dense model's whole-split figures do not wait for the grid
+        outcomes.append(_run_full_eval(grid, grid.dense_key, load, progress))
     for number, cell in enumerate(cells, start=1):
         outcome = _run_cell(grid, cell, load, progress)
         outcomes.append(outcome)
@@ -68,7 +73,19 @@ def run_experiment(
             outcomes.append(outcome)
             line = _cell_line(grid, cell, outcome, RECOVERED_SUFFIX)
             print(f"[{number}/{len(cells)}] {line}", flush=True)
+    if grid.full_eval:
+        records = {c.key: read_cell(grid, c.key) for c in grid.report_cells()}
+        for key in full_eval_keys(grid, records)[1:]:  # the dense model's ran first
+            outcomes.append(_run_full_eval(grid, key, load, progress))
     return ExperimentResult(grid, outcomes, time.perf_counter() - began)
+
+
+def _upgrade_cache(grid: Grid) -> None:
+    """Give evaluations cached before lm-evaluation-harness's rules were reported those figures
+    (they read only the saved texts), so old and new cells fill the same columns."""
+    for summary in sorted((grid.out / "cells").glob("**/summary.json")):
+        if summary.parent.name in ("eval", FULL_EVAL_DIR):
+            add_lm_eval_accuracies(summary.parent)
 
 
 def _select(grid: Grid, only: str | Sequence[str] | None) -> list[Cell]:
@@ -177,6 +194,42 @@ def _run_recovery(grid: Grid, cell: Cell, progress: bool) -> CellOutcome:
         return _failed(folder, key, label, e, began)
     (folder / "error.json").unlink(missing_ok=True)
     return CellOutcome(key, label, "ran", time.perf_counter() - began)
+
+
+def _run_full_eval(grid: Grid, key: str, load: Loader, progress: bool) -> CellOutcome:
+    """Evaluate the dense model or a finished cell's model on the whole split (``eval-full/``)."""
+    folder, label = cell_dir(grid, key), f"{key} on the whole split"
+    if read_cell(grid, key).full_summary is not None:
+        outcome = CellOutcome(key, label, "cached", 0.0)
+    else:
+        began, config = time.perf_counter(), grid.full_eval_config
+        try:
+            if key == grid.dense_key:
+                model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+            else:
+                model, tokenizer = load_pruned(folder / "run", device=config.device)
+                model = model.to(resolve_dtype(config.dtype, config.device))
+                config = replace(config, model=str(folder / "run"))
+            evaluate(
+                config,
+                model=model,
+                tokenizer=tokenizer,
+                out_dir=folder / FULL_EVAL_DIR,
+                progress=progress,
+            )
+        except BonsaiPruneError as e:  # the cell's own error.json stays its prune's
+            outcome = CellOutcome(key, label, "failed", time.perf_counter() - began, str(e))
+        else:
+            outcome = CellOutcome(key, label, "ran", time.perf_counter() - began)
+    summary = read_cell(grid, key).full_summary or {}
+    figures = (
+        f"strict {_number(summary.get('accuracy_strict'), 100, '.1f')}% of {summary.get('n')}"
+        f"  U† {_number(summary.get('u_dagger'), 1, '.1f')}"
+        f"  ppl {_number(summary.get('reference_perplexity'), 1, '.2f')}"
+    )
+    state = f"FAILED {outcome.error}" if outcome.status == "failed" else outcome.status
+    print(f"[whole split] {key}: {state}" + (f"  {figures}" if summary else ""), flush=True)
+    return outcome
 
 
 def _evaluate_run(grid: Grid, run: Path, model, tokenizer, folder: Path, progress: bool) -> None:

@@ -18,6 +18,7 @@ from statistics import fmean
 from bonsai_prune.core.metrics import (
     ACCURACY_RULES,
     LEXICAL_METRICS,
+    LM_EVAL_RULES,
     clean_text,
     contains_accuracy,
     flexible_accuracy,
@@ -122,6 +123,8 @@ def score_texts(
         item["accuracy_strict"] = strict_accuracy(prediction, answer, done) if numeric[i] else None
         item["accuracy_flexible"] = flexible_accuracy(prediction, answer) if numeric[i] else None
         item["accuracy_contains"] = contains_accuracy(prediction, answer)
+        for name, rule in LM_EVAL_RULES.items():  # lm-evaluation-harness's, beside ours
+            item[f"accuracy_{name}"] = rule(prediction, answer)
         per_item.append(item)
     return ScoreResult(per_item=per_item, aggregate=_aggregate(per_item))
 
