@@ -288,6 +288,9 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     assert "| dense | – |" in report and "| **bonsai+perplexity** | mean of 2 |" in report
     assert "## Ablation: units" in report and "failed: PruningError" in report
     assert "the first 2 problems of GSM8K test" in report and "torch " in report
+    # the search budget of the Bonsai cells, and what the cache spent (2 seeds x 1 round x 4)
+    assert "- Search (Bonsai cells): 4 sub-models per round x 2 calibration problems" in report
+    assert "; 8 sub-model evaluations in the cache." in report
     assert "Paired differences from **random** (seed 0) on the same 2 problems" in report
     # one paired row (seed 0 only) of signed differences, besides the two seed rows
     assert len(re.findall(r"\| bonsai\+perplexity \| [+-]\d", report)) == 1

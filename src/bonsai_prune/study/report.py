@@ -27,6 +27,7 @@ from bonsai_prune.study.grid import (
     Grid,
     cell_dir,
     read_cell,
+    scores_submodels,
 )
 from bonsai_prune.study.plots import plot_main
 
@@ -127,6 +128,7 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         f"- Evaluation: the first {n} problems of GSM8K {e.split} (n = {n}), greedy, "
         f"{e.max_new_tokens} new tokens, {e.prompt} prompt, {e.shots}-shot; U† weights "
         f"{format_weights(e.weights)}; 95% percentile-bootstrap CIs ({e.n_bootstrap} resamples).",
+        *_search_line(grid, records),
         f"- Cells: {len(runs)} runs + dense; {done} done, {failed} failed, "
         f"{len(runs) - done - failed} not run yet.",
         f"- Wall time in the cache: {_hours(prune_s + eval_s)} "
@@ -145,6 +147,34 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         "reflects the load as much as the model (`bonsai-prune bench` measures speed-ups).",
     ]
     return lines
+
+
+def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
+    """The search budget of the cells that score sub-models, and what the cache spent."""
+    searches = sorted(
+        {
+            (
+                c.prune_config.masks_per_round,
+                c.prune_config.calib_samples,
+                c.prune_config.prune_fraction,
+            )
+            for c in grid.unique_cells()
+            if scores_submodels(c.prune_config)
+        }
+    )
+    if not searches:
+        return []
+    budgets = "; ".join(
+        f"{masks} sub-models per round x {calib} calibration problems, {100 * fraction:g}% of "
+        "the parameters removed per round"
+        for masks, calib, fraction in searches
+    )
+    scored = sum(
+        (r.get("sampling") or {}).get("n_scored", 0)
+        for record in records.values()
+        for r in (record.prune_report or {}).get("rounds") or []
+    )
+    return [f"- Search (Bonsai cells): {budgets}; {scored} sub-model evaluations in the cache."]
 
 
 def _table(cells: list[Cell], records: dict[str, CellRecord], dense: CellRecord) -> list[str]:
