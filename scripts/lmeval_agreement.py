@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bonsai_prune.core.metrics import flexible_accuracy, strict_accuracy
+from bonsai_prune.core.metrics import LM_EVAL_RULES, flexible_accuracy, strict_accuracy
 from bonsai_prune.eval.stats import wilson_interval
 from bonsai_prune.export.lmeval import (
     CHAT_TASK,
@@ -135,6 +135,11 @@ def compare(lm_dir: Path, ours_dir: Path, task_name: str = SAME_PROMPT_TASK) -> 
         "bonsai_prune_flexible": _share(
             [flexible_accuracy(r["prediction"], r["reference"], r["finished"]) for r in ours]
         ),
+        # lm-eval's own rules on this project's text: what lm-eval would report for it
+        **{
+            f"bonsai_prune_{name}": _share([rule(r["prediction"], r["reference"]) for r in ours])
+            for name, rule in LM_EVAL_RULES.items()
+        },
         "same_generation": _share(same),
         "strict_rule_agreement_on_lm_eval_text": _share(
             [float(a == b) for a, b in zip(ours_on_lm, lm_strict, strict=True)]

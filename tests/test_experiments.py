@@ -426,3 +426,29 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
     after = json.loads((dense_eval / "summary.json").read_text())
     assert after["accuracy_strict_match"] == before["accuracy_strict_match"]
     assert after["accuracy_flexible_extract_ci"] == before["accuracy_flexible_extract_ci"]
+
+
+def test_the_report_shows_lm_eval_agreements_stored_beside_the_cells(tmp_path):
+    """An agreement written by scripts/lmeval_agreement.py into OUT/lmeval/NAME is a row of the
+    report's lm-eval table, whether or not any cell has run."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump({**TINY_GRID, "out": str(tmp_path / "out")}), encoding="utf-8")
+    share = {"mean": 0.023, "ci": [0.011, 0.047], "n": 300}
+    agreement = {
+        "lm_eval_strict_match": {**share, "mean": 0.003},
+        "lm_eval_flexible_extract": share,
+        "bonsai_prune_strict_match": {**share, "mean": 0.007},
+        "bonsai_prune_flexible_extract": {**share, "mean": 0.03},
+        "same_generation": {**share, "mean": 0.9},
+        "prompt": "chat",
+        "dtype": "bf16",
+    }
+    folder = tmp_path / "out" / "lmeval" / "dense"
+    folder.mkdir(parents=True)
+    (folder / "agreement.json").write_text(json.dumps(agreement))
+    report = write_report(load_grid(path)).read_text(encoding="utf-8")
+    assert "## lm-evaluation-harness on the same problems and prompt" in report
+    assert (
+        "| dense | 300 | chat, bf16 | 0.3 [1.1, 4.7] | 2.3 [1.1, 4.7] | 0.7 / 3.0 | n/a / n/a | 90 |"
+        in report
+    )

@@ -93,6 +93,7 @@ def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = N
             lines += ["", f"### Sparsity {sparsity:g}", "", *_table(at, records, dense)]
             lines += _paired_table(grid, at, records)
     lines += _full_split_table(grid, shown, records)
+    lines += _lm_eval_table(grid)
     layer_plots = [name for name in plots if name.startswith("layers_")]
     if layer_plots:
         lines += ["", "## Kept units per layer (main methods, first seed)", ""]
@@ -341,6 +342,55 @@ def _full_split_table(grid: Grid, shown: list[Cell], records: dict[str, CellReco
         texts.append(_triple(kept, 1, ".2f"))
         texts.append(_triple(diff, 100, "+.1f"))
         lines.append("| " + " | ".join(texts) + " |")
+    return lines
+
+
+def _lm_eval_table(grid: Grid) -> list[str]:
+    """lm-evaluation-harness's figures for models of the study, beside ours: the agreements
+    ``scripts/lmeval_agreement.py --out OUT/lmeval/NAME`` wrote (the same problems and prompt)."""
+    paths = sorted((grid.out / "lmeval").glob("*/agreement.json"))
+    if not paths:
+        return []
+    headers = [
+        "model", "n", "prompt, dtype",
+        "lm-eval strict-match %", "lm-eval flexible-extract %",
+        "ours, lm-eval's rules: strict-match / flexible-extract %",
+        "ours, our rules: strict / flexible %", "same text %",
+    ]  # fmt: skip
+    lines = [
+        "",
+        "## lm-evaluation-harness on the same problems and prompt",
+        "",
+        "lm-eval (`--model hf`, the model folder loaded by plain transformers, the offline task "
+        "with this evaluation's prompt) against this project's evaluation of the same model: "
+        "`python scripts/lmeval_agreement.py --model FOLDER --prompt chat --shots 0 --ours "
+        "CELL/eval --out OUT/lmeval/NAME`. Accuracies in % with 95% Wilson intervals.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
+    for path in paths:
+        a = io.read_json(path)
+
+        def share(key: str, a: dict = a) -> str:
+            value = a.get(key)
+            if not value:
+                return "n/a"
+            low, high = value["ci"]
+            return f"{100 * value['mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+
+        def pair(first: str, second: str, a: dict = a) -> str:
+            values = [a.get(first), a.get(second)]
+            return " / ".join("n/a" if v is None else f"{100 * v['mean']:.1f}" for v in values)
+
+        n = (a.get("lm_eval_strict_match") or {}).get("n")
+        lines.append(
+            f"| {path.parent.name} | {n} | {a.get('prompt', 'plain')}, {a.get('dtype')} "
+            f"| {share('lm_eval_strict_match')} | {share('lm_eval_flexible_extract')} "
+            f"| {pair('bonsai_prune_strict_match', 'bonsai_prune_flexible_extract')} "
+            f"| {pair('bonsai_prune_strict', 'bonsai_prune_flexible')} "
+            f"| {_fmt(_scaled((a.get('same_generation') or {}).get('mean'), 100), '.0f')} |"
+        )
     return lines
 
 
