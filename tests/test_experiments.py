@@ -297,7 +297,7 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     # the Bonsai cells' rounds recorded validity; the report shows it, one row per seed
     assert "## Utility validity per round" in report
     assert len(re.findall(r"\| bonsai\+perplexity \| 0.1 \| [01] \| \d+% / ", report)) == 2
-    for name in ("accuracy", "udagger", "perplexity"):
+    for name in ("accuracy", "flexible", "udagger", "perplexity", "answer_prob"):
         assert (out / f"{name}_vs_sparsity.png").stat().st_size > 1000
     assert (out / "layers_0.1.png").is_file() and (out / "layers_0.2.png").is_file()
 

@@ -10,7 +10,7 @@ import os
 import statistics
 from pathlib import Path
 
-from bonsai_prune.study.grid import DENSE_LABEL, Cell, CellRecord
+from bonsai_prune.study.grid import DENSE_LABEL, RECOVERED_SUFFIX, Cell, CellRecord
 
 PLOT_DPI = 120
 
@@ -25,14 +25,17 @@ def plot_main(
     written = []
     for name, key, scale, ylabel in (
         ("accuracy_vs_sparsity.png", "accuracy_strict", 100, "GSM8K strict accuracy (%)"),
+        ("flexible_vs_sparsity.png", "accuracy_flexible", 100, "GSM8K flexible accuracy (%)"),
         ("udagger_vs_sparsity.png", "u_dagger", 1, "U† (0-100)"),
         ("perplexity_vs_sparsity.png", "reference_perplexity", 1, "reference perplexity (log)"),
+        ("answer_prob_vs_sparsity.png", "answer_prob", 1, "probability of the reference answer"),
     ):
         _metric_plot(out / name, series, dense, key, scale, ylabel)
         written.append(name)
-    for sparsity in sorted({s for points in series.values() for s in points}):
-        name = f"layers_{sparsity:g}.png"
-        if _layers_plot(out / name, series, dense, sparsity):
+    pruned = {k: v for k, v in series.items() if not k.endswith(RECOVERED_SUFFIX)}
+    for sparsity in sorted({s for points in pruned.values() for s in points}):
+        name = f"layers_{sparsity:g}.png"  # a recovery keeps its prune's shape: drawn once
+        if _layers_plot(out / name, pruned, dense, sparsity):
             written.append(name)
     return written
 
@@ -51,12 +54,14 @@ def _metric_plot(
     path: Path, series, dense: CellRecord, key: str, scale: float, ylabel: str
 ) -> None:
     """One line per method: the mean over seeds; error bars span the seeds' 95% CIs (their
-    union), or ± the standard deviation over seeds for a metric without a CI."""
+    union), or ± the standard deviation over seeds for a metric without a CI. A method after
+    recovery is drawn dotted in its method's colour, so before and after read as one pair."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
     offsets = _offsets(len(series))
+    colours = _colours(series)
     for (label, points), offset in zip(series.items(), offsets, strict=True):
         xs, ys, low, high = [], [], [], []
         for sparsity in sorted(points):
@@ -76,7 +81,17 @@ def _metric_plot(
             ys.append(mean)
             low.append(max(mean - lo, 0.0))
             high.append(max(hi - mean, 0.0))
-        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+        recovered = label.endswith(RECOVERED_SUFFIX)
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[low, high],
+            marker="s" if recovered else "o",
+            linestyle=":" if recovered else "-",
+            color=colours[label],
+            capsize=3,
+            label=label,
+        )
     if dense.done and dense.summary.get(key) is not None:
         ax.axhline(dense.summary[key] * scale, color="black", linestyle="--", label=DENSE_LABEL)
         ci = dense.summary.get(f"{key}_ci")
@@ -124,6 +139,14 @@ def _layers_plot(path: Path, series, dense: CellRecord, sparsity: float) -> bool
     fig.suptitle(f"kept units per layer at sparsity {sparsity:g}")
     _save(fig, path)
     return True
+
+
+def _colours(series: dict) -> dict[str, str]:
+    """One colour per method (matplotlib's cycle), shared by its "+ recovery" series."""
+    methods = list(dict.fromkeys(label.removesuffix(RECOVERED_SUFFIX) for label in series))
+    cycle = [f"C{i % 10}" for i in range(len(methods))]
+    by_method = dict(zip(methods, cycle, strict=True))
+    return {label: by_method[label.removesuffix(RECOVERED_SUFFIX)] for label in series}
 
 
 def _offsets(n: int, step: float = 0.004) -> list[float]:

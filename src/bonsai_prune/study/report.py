@@ -125,7 +125,7 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         "",
         f"Command: `bonsai-prune experiment {grid.path}`",
         "",
-        f"- Model: `{e.model}` ({e.dtype}, {e.device}).",
+        f"- Model: `{e.model}` ({_dtype_used(e.dtype, records)}, {e.device}).",
         f"- Evaluation: the first {n} problems of GSM8K {e.split} (n = {n}), greedy, "
         f"{e.max_new_tokens} new tokens, {e.prompt} prompt, {e.shots}-shot; U† weights "
         f"{format_weights(e.weights)}; 95% percentile-bootstrap CIs ({e.n_bootstrap} resamples).",
@@ -148,6 +148,14 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         "reflects the load as much as the model (`bonsai-prune bench` measures speed-ups).",
     ]
     return lines
+
+
+def _dtype_used(asked: str, records: dict[str, CellRecord]) -> str:
+    """``auto`` with what it resolved to in the runs (bf16 or fp32 by the machine)."""
+    used = sorted(
+        {r.prune_report["dtype"] for r in records.values() if (r.prune_report or {}).get("dtype")}
+    )
+    return f"{asked}: {', '.join(used)} in the runs" if asked == "auto" and used else asked
 
 
 def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
@@ -181,17 +189,17 @@ def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
 def _table(cells: list[Cell], records: dict[str, CellRecord], dense: CellRecord) -> list[str]:
     headers = ["method", "seed", *(h for h, _, _ in COLUMNS), "sparsity %"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines.append(_row(DENSE_LABEL, "–", dense))
+    lines.append(_row(DENSE_LABEL, "–", dense, dense))
     for label in dict.fromkeys(c.label for c in cells):
         series = sorted((c for c in cells if c.label == label), key=lambda c: c.prune_config.seed)
         if len(series) > 1:
             lines.append(_mean_row(label, [records[c.key] for c in series]))
         for c in series:
-            lines.append(_row(label, str(c.prune_config.seed), records[c.key]))
+            lines.append(_row(label, str(c.prune_config.seed), records[c.key], dense))
     return lines
 
 
-def _row(label: str, seed: str, record: CellRecord) -> str:
+def _row(label: str, seed: str, record: CellRecord, dense: CellRecord) -> str:
     if not record.done:
         state = f"failed: {_short(record.error)}" if record.error else "not run yet"
         return "| " + " | ".join([label, seed, state, *[""] * len(COLUMNS)]) + " |"
@@ -203,8 +211,7 @@ def _row(label: str, seed: str, record: CellRecord) -> str:
             ci = record.summary.get(key)
             text += f" [{_fmt(scale * ci[0], fmt)}, {_fmt(scale * ci[1], fmt)}]" if ci else ""
         cells.append(text)
-    reached = 0.0 if record.dense else (record.prune_report or {}).get("sparsity")
-    sparsity = _scaled(reached, 100)
+    sparsity = _scaled(_reached(record, dense), 100)
     return "| " + " | ".join([label, seed, *cells, _fmt(sparsity, ".1f")]) + " |"
 
 
@@ -414,6 +421,19 @@ def _per_problem(grid: Grid, record: CellRecord, folder: str = "eval") -> list[d
         return None
     with path.open(encoding="utf-8") as lines:
         return [json.loads(line) for line in lines if line.strip()]
+
+
+def _reached(record: CellRecord, dense: CellRecord) -> float | None:
+    """The sparsity a model reached: its prune's report, else (a recovery, which keeps its
+    prune's shape) one minus its non-embedding parameters over the dense model's."""
+    if record.dense:
+        return 0.0
+    reached = (record.prune_report or {}).get("sparsity")
+    if reached is not None:
+        return reached
+    params = (record.summary or {}).get("non_embedding_params")
+    dense_params = (dense.summary or {}).get("non_embedding_params")
+    return 1.0 - params / dense_params if params and dense_params else None
 
 
 def _mean_row(label: str, records: list[CellRecord]) -> str:
