@@ -210,6 +210,8 @@ def test_the_second_study_covers_issue_20s_grid():
             assert {(method, sparsity, seed, seed == 0) for seed in (0, 1, 2)} <= main
     assert g.eval_config.limit == 300 and g.eval_config.max_new_tokens == 256
     assert g.full_eval and g.full_eval_config.limit is None  # all 1,319 for the best models
+    stops = {c.label: c for c in g.cells if c.group == "ablation: early stop"}
+    assert {c.prune_config.stop_agreement for c in stops.values()} == {0.0, 0.9}  # issue 18
 
 
 @pytest.mark.parametrize("name", ["grid-session.yaml", "grid-gpu.yaml"])
@@ -297,6 +299,7 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     # the Bonsai cells' rounds recorded validity; the report shows it, one row per seed
     assert "## Utility validity per round" in report
     assert len(re.findall(r"\| bonsai\+perplexity \| 0.1 \| [01] \| \d+% / ", report)) == 2
+    assert len(re.findall(r"\| [01] of 1 \| 4 \(0 of 1\) \|", report)) == 2  # 4 scored, no stop
     for name in ("accuracy", "flexible", "udagger", "perplexity", "answer_prob"):
         assert (out / f"{name}_vs_sparsity.png").stat().st_size > 1000
     assert (out / "layers_0.1.png").is_file() and (out / "layers_0.2.png").is_file()

@@ -229,9 +229,12 @@ def _validity_table(cells: list[Cell], records: dict[str, CellRecord]) -> list[s
             for v in checks
         )
         flagged = sum(not v.get("informative", True) for v in checks)
+        sampled = [r.get("sampling") or {} for r in rounds]
+        scored = sum(s.get("n_scored", 0) for s in sampled)
+        early = sum(s.get("stopped") not in (None, "budget") for s in sampled)
         rows.append(
             f"| {cell.label} | {cell.prune_config.sparsity:g} | {cell.prune_config.seed} "
-            f"| {per_round} | {flagged} of {len(checks)} |"
+            f"| {per_round} | {flagged} of {len(checks)} | {scored} ({early} of {len(rounds)}) |"
         )
     if not rows:
         return []
@@ -241,10 +244,11 @@ def _validity_table(cells: list[Cell], records: dict[str, CellRecord]) -> list[s
         "",
         "Each round: share of sub-models the unmasked model beats / Spearman rho of parameters "
         "removed with score / the regression's held-out R^2; `(prior)`: no signal, the round "
-        "selected by the prior within each module. Flagged: rounds below 90% or above rho -0.3.",
+        "selected by the prior within each module. Flagged: rounds below 90% or above rho -0.3. "
+        "Scored: sub-models evaluated in all rounds (rounds whose sampling stopped early).",
         "",
-        "| cell | sparsity | seed | per round | flagged |",
-        "|---|---|---|---|---|",
+        "| cell | sparsity | seed | per round | flagged | scored (early stops) |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]
 
