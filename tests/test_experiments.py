@@ -294,6 +294,8 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     assert "- Search (Bonsai cells): 4 sub-models per round x 2 calibration problems" in report
     assert "; 8 sub-model evaluations in the cache." in report
     assert "Paired differences from **random** (seed 0) on the same 2 problems" in report
+    assert "Against the dense model on the same 2 problems" in report
+    assert "| method | strict kept (x dense) | U† kept (x dense) | Δ ref. NLL |" in report
     # one paired row (seed 0 only) of signed differences, besides the two seed rows
     assert len(re.findall(r"\| bonsai\+perplexity \| [+-]\d", report)) == 1
     # the Bonsai cells' rounds recorded validity; the report shows it, one row per seed

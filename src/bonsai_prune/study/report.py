@@ -91,6 +91,7 @@ def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = N
         for sparsity in sorted({c.prune_config.sparsity for c in cells}):
             at = [c for c in cells if c.prune_config.sparsity == sparsity]
             lines += ["", f"### Sparsity {sparsity:g}", "", *_table(at, records, dense)]
+            lines += _dense_table(grid, at, records)
             lines += _paired_table(grid, at, records)
     lines += _full_split_table(grid, shown, records)
     lines += _lm_eval_table(grid)
@@ -251,6 +252,42 @@ def _validity_table(cells: list[Cell], records: dict[str, CellRecord]) -> list[s
         "|---|---|---|---|---|---|",
         *rows,
     ]
+
+
+def _dense_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
+    """Each model against the dense model on the same problems: what it kept (ratios of means)
+    and what it lost (differences), paired, with bootstrap CIs. First seed of each method."""
+    base = _per_problem(grid, records[grid.dense_key])
+    first: dict[str, Cell] = {}
+    for c in sorted(cells, key=lambda c: c.prune_config.seed):
+        first.setdefault(c.label, c)
+    rows = {c.label: _per_problem(grid, records[c.key]) for c in first.values()}
+    rows = {label: r for label, r in rows.items() if r is not None}
+    if base is None or not rows:
+        return []
+    e = grid.eval_config
+
+    def column(key: str, of) -> tuple[list, list]:
+        return [r.get(key) for r in of], [r.get(key) for r in base]
+
+    lines = [
+        "",
+        f"Against the dense model on the same {len(base)} problems (first seed; paired "
+        "bootstrap 95% CIs): the share of its strict accuracy and of its U† each model kept, "
+        "and the change in reference NLL (nats/token, lower is better).",
+        "",
+        "| method | strict kept (x dense) | U† kept (x dense) | Δ ref. NLL |",
+        "|---|---|---|---|",
+    ]
+    for label, of in rows.items():
+        kept_strict = paired_ratio(*column("accuracy_strict", of), e.n_bootstrap, e.seed)
+        kept_u = paired_ratio(*column("u_dagger", of), e.n_bootstrap, e.seed)
+        nll = paired_difference(*column("reference_nll", of), e.n_bootstrap, e.seed)
+        lines.append(
+            f"| {label} | {_triple(kept_strict, 1, '.2f')} | {_triple(kept_u, 1, '.2f')} "
+            f"| {_triple(nll, 1, '+.3f')} |"
+        )
+    return lines
 
 
 def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
