@@ -420,6 +420,10 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
     assert len(re.findall(r"\| (dense|random|magnitude) \| [\d.]+ \| 3 \|", text)) == 3
 
     calls.reset()
+    (out / best / "eval-full" / "summary.json").unlink()
+    run_experiment(path, progress=False, load=calls.load, only="dense")
+    assert calls.reset() == {"load": 0, "prune": 0, "evaluate": 1}  # no cell: the best's full
+
     # an evaluation cached before lm-eval's rules existed: they are added from its texts
     dense_eval = out / first.grid.dense_key / "eval"
     before = json.loads((dense_eval / "summary.json").read_text())

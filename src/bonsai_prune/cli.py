@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--only",
         action="append",
         metavar="NAME",
-        help="run only cells matching a label, group or key",
+        help="run only cells matching a label, group or key ('dense': no cell, only the dense "
+        "model and, with full_eval, the whole-split evaluations of the best models so far)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=_cmd_experiment)

@@ -50,7 +50,9 @@ def run_experiment(
 
     progress: tqdm bars inside each prune and evaluation (one line per cell is always printed).
     only: run just the cells whose name (label), group or key is one of these; the dense
-        evaluation always runs, and the report shows every cell the cache holds.
+        evaluation always runs (``only="dense"`` runs no cell: the dense model and, with
+        ``full_eval``, the whole-split evaluations of the best finished models), and the report
+        shows every cell the cache holds.
     load: ``(spec, *, dtype, device) -> (model, tokenizer)``; default :func:`load_model`
         (tests pass a tiny model here).
     """
@@ -93,6 +95,8 @@ def _select(grid: Grid, only: str | Sequence[str] | None) -> list[Cell]:
     if only is None:
         return cells
     wanted = {only} if isinstance(only, str) else set(only)
+    if wanted == {DENSE_LABEL}:
+        return []
     chosen = {c.key for c in grid.cells if wanted & {c.label, c.group, c.key}}
     if not chosen:
         names = sorted({c.label for c in grid.cells} | {c.group for c in grid.cells})
