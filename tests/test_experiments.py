@@ -393,8 +393,11 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
         "cells": [
             {"method": "random", "sparsity": 0.2, "seeds": [0, 1]},
             {"method": "magnitude", "sparsity": 0.1},
+            # the same runs under another name: the whole-split table keeps the main label
+            {"group": "ablation: x", "name": "again", "method": "random", "sparsity": 0.2,
+             "seeds": [0, 1]},
         ],
-    }
+    }  # fmt: skip
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     calls = Calls(monkeypatch, tokenizer)
@@ -402,7 +405,7 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
     # dense, dense on the whole split, 3 cells, then the best at 0.1 and at 0.2 on the whole split
     assert [o.status for o in first.outcomes] == ["ran"] * 7
     assert calls.counts["evaluate"] == 7
-    cells = {c.key: c for c in first.grid.cells}
+    cells = {c.key: c for c in first.grid.cells if c.group == "main"}
     out = tmp_path / "out" / "cells"
     full = sorted(p.parent.parent.name for p in out.glob("*/eval-full/summary.json"))
     assert len(full) == 3 and first.grid.dense_key in full

@@ -342,7 +342,9 @@ def _full_split_table(grid: Grid, shown: list[Cell], records: dict[str, CellReco
     """The whole-split evaluations (``full_eval``): each model's figures, and its strict accuracy
     beside the dense model's on the same problems (kept share and difference, paired)."""
     dense = records[grid.dense_key]
-    labels = {c.key: (c.label, c.prune_config.sparsity) for c in shown}
+    labels: dict[str, tuple[str, float]] = {}
+    for c in sorted(shown, key=lambda c: c.group != MAIN_GROUP):  # a main label first
+        labels.setdefault(c.key, (c.label, c.prune_config.sparsity))
     keys = [k for k, r in records.items() if r.full_summary and k != grid.dense_key]
     keys.sort(key=lambda k: (labels[k][1], labels[k][0]))
     if dense.full_summary is None and not keys:
