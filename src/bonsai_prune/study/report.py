@@ -120,7 +120,10 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
     failed = sum(r.error is not None and not r.done for r in runs)
     trained = {c.key for c in grid.report_cells()}  # prunes and recoveries
     prune_s = sum(records[k].run_seconds or 0.0 for k in trained if records[k].pruned)
-    eval_s = sum(r.summary.get("wall_s", 0.0) for r in records.values() if r.summary)
+    eval_s = sum(  # the grid's evaluations and the whole-split ones
+        (r.summary or {}).get("wall_s", 0.0) + (r.full_summary or {}).get("wall_s", 0.0)
+        for r in records.values()
+    )
     lines = [
         "# Experiment report",
         "",
