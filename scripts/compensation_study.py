@@ -6,7 +6,8 @@ are dropped and their contribution to the residual stream is lost. Forward passe
 each projection, the Gram matrix G = X^T X of its input channels on calibration text; the kept
 columns W_K can then absorb what the removed ones W_R wrote, in the least-squares sense:
 ``W_K += ((G_KK + lambda I)^-1 G_KR W_R^T)^T`` (ridge, lambda = damping x mean diag G_KK). No
-gradient, a few seconds per round. This script patches ``LlamaAdapter.slice`` to do it, runs a
+gradient, a few seconds per round (the math: ``core.compensation.refit_kept_columns``). This
+script patches ``LlamaAdapter.slice`` to do it, runs a
 Bonsai+perplexity prune, and leaves the run for ``scripts/heldout_ppl.py``:
 
     python scripts/compensation_study.py runs/i18/comp20 --sparsity 0.2
@@ -22,6 +23,7 @@ import torch
 
 from bonsai_prune.api import prune
 from bonsai_prune.config import PruneConfig
+from bonsai_prune.core.compensation import refit_kept_columns
 from bonsai_prune.data.calibration import build_batch
 from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.models import load_model
@@ -55,17 +57,6 @@ def input_grams(adapter, model, batch) -> dict[tuple[int, str], torch.Tensor]:
     return grams
 
 
-def compensated(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float):
-    """``weight`` (out, C) with its kept columns refitted to also write what the removed ones
-    wrote on the inputs ``gram`` (C, C) summarises; ``kept`` (C,) bool."""
-    k, r = kept.nonzero()[:, 0], (~kept).nonzero()[:, 0]
-    w = weight.double().clone()
-    g_kk = gram[k][:, k]
-    ridge = damping * g_kk.diagonal().mean() * torch.eye(len(k), dtype=gram.dtype)
-    w[:, k] += torch.linalg.solve(g_kk + ridge, gram[k][:, r] @ w[:, r].T).T
-    return w.to(weight.dtype)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out")
@@ -94,7 +85,7 @@ def main() -> None:
             )
             kept = mask.repeat_interleave(width)
             gram = grams[(module.layer, module.kind)]
-            target.weight.copy_(compensated(target.weight, gram, kept, args.damping))
+            target.weight.copy_(refit_kept_columns(target.weight, gram, kept, args.damping))
         print(f"compensated in {time.perf_counter() - began:.1f} s", flush=True)
         return slice_units(adapter, model, keep)
 
