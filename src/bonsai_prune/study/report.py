@@ -192,7 +192,7 @@ def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
 
 def _table(cells: list[Cell], records: dict[str, CellRecord], dense: CellRecord) -> list[str]:
     headers = ["method", "seed", *(h for h, _, _ in COLUMNS), "sparsity %"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines = _table_head(headers)
     lines.append(_row(DENSE_LABEL, "–", dense, dense))
     for label in dict.fromkeys(c.label for c in cells):
         series = sorted((c for c in cells if c.label == label), key=lambda c: c.prune_config.seed)
@@ -257,13 +257,24 @@ def _validity_table(cells: list[Cell], records: dict[str, CellRecord]) -> list[s
     ]
 
 
+def _table_head(headers: list[str]) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+
+
+def _first_seeds(cells: list[Cell]) -> dict[str, Cell]:
+    """label -> its cell with the lowest seed, in the cells' order of labels."""
+    first: dict[str, Cell] = {}
+    for c in sorted(cells, key=lambda c: c.prune_config.seed):
+        first.setdefault(c.label, c)
+    return first
+
+
 def _dense_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
     """Each model against the dense model on the same problems: what it kept (ratios of means)
     and what it lost (differences), paired, with bootstrap CIs. First seed of each method."""
     base = _per_problem(grid, records[grid.dense_key])
-    first: dict[str, Cell] = {}
-    for c in sorted(cells, key=lambda c: c.prune_config.seed):
-        first.setdefault(c.label, c)
+    first = _first_seeds(cells)
     rows = {c.label: _per_problem(grid, records[c.key]) for c in first.values()}
     rows = {label: r for label, r in rows.items() if r is not None}
     if base is None or not rows:
@@ -279,8 +290,7 @@ def _dense_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) 
         "bootstrap 95% CIs): the share of its strict accuracy and of its U† each model kept, "
         "and the change in reference NLL (nats/token, lower is better).",
         "",
-        "| method | strict kept (x dense) | U† kept (x dense) | Δ ref. NLL |",
-        "|---|---|---|---|",
+        *_table_head(["method", "strict kept (x dense)", "U† kept (x dense)", "Δ ref. NLL"]),
     ]
     for label, of in rows.items():
         kept_strict = paired_ratio(*column("accuracy_strict", of), e.n_bootstrap, e.seed)
@@ -300,9 +310,7 @@ def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord])
     problem is: its CI is far narrower than the two separate CIs suggest. First seed of each
     method; a CI that excludes 0 is a difference the evaluation can see.
     """
-    first = {}
-    for c in sorted(cells, key=lambda c: c.prune_config.seed):
-        first.setdefault(c.label, c)
+    first = _first_seeds(cells)
     if len(first) < 2:
         return []
     reference, *others = first.values()
@@ -318,8 +326,7 @@ def _paired_table(grid: Grid, cells: list[Cell], records: dict[str, CellRecord])
         "which problems were drawn, not the pruning run's own randomness: set it beside the "
         "spread over seeds above.",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "---|" * len(headers),
+        *_table_head(headers),
     ]
     for cell in others:
         rows = _per_problem(grid, records[cell.key])
@@ -368,8 +375,7 @@ def _full_split_table(grid: Grid, shown: list[Cell], records: dict[str, CellReco
         "over the dense model's on the same problems, with a paired bootstrap CI (the original "
         "U† study kept 3% at 40% sparsity); Δ: the paired difference.",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "---|" * len(headers),
+        *_table_head(headers),
     ]
     for key in ([grid.dense_key] if dense.full_summary else []) + keys:
         s = records[key].full_summary
@@ -419,8 +425,7 @@ def _lm_eval_table(grid: Grid) -> list[str]:
         "`python scripts/lmeval_agreement.py --model FOLDER --prompt chat --shots 0 --ours "
         "CELL/eval --out OUT/lmeval/NAME`. Accuracies in % with 95% Wilson intervals.",
         "",
-        "| " + " | ".join(headers) + " |",
-        "|" + "---|" * len(headers),
+        *_table_head(headers),
     ]
     for path in paths:
         a = io.read_json(path)
