@@ -212,8 +212,7 @@ def _row(label: str, seed: str, record: CellRecord, dense: CellRecord) -> str:
         text = _fmt(value(record), fmt)
         if header in CI_COLUMNS:
             key, scale = CI_COLUMNS[header]
-            ci = record.summary.get(key)
-            text += f" [{_fmt(scale * ci[0], fmt)}, {_fmt(scale * ci[1], fmt)}]" if ci else ""
+            text += _ci_text(record.summary.get(key), scale, fmt)
         cells.append(text)
     sparsity = _scaled(_reached(record, dense), 100)
     return "| " + " | ".join([label, seed, *cells, _fmt(sparsity, ".1f")]) + " |"
@@ -453,9 +452,13 @@ def _lm_eval_table(grid: Grid) -> list[str]:
 
 
 def _with_ci(summary: dict, key: str, scale: float, fmt: str) -> str:
-    ci = summary.get(f"{key}_ci")
     text = _fmt(_scaled(summary.get(key), scale), fmt)
-    return text + (f" [{_fmt(scale * ci[0], fmt)}, {_fmt(scale * ci[1], fmt)}]" if ci else "")
+    return text + _ci_text(summary.get(f"{key}_ci"), scale, fmt)
+
+
+def _ci_text(ci: list[float] | None, scale: float, fmt: str) -> str:
+    """`` [low, high]`` of a summary's CI, scaled; empty where there is none."""
+    return f" [{_fmt(scale * ci[0], fmt)}, {_fmt(scale * ci[1], fmt)}]" if ci else ""
 
 
 def _triple(value: tuple[float, float, float] | None, scale: float, fmt: str) -> str:
