@@ -4,7 +4,8 @@ Every row: masked forward equals sliced forward (uneven GQA groups included), ea
 (B, U) mask is its own sub-model, the parameter count after slicing is exact (against the
 family's own dense modules built at the sliced sizes), structure -> fresh model -> restructure
 -> load_state_dict gives the same logits and the same greedy tokens, and an emptied attention
-layer keeps generation exact. Adding a family adds one row to FAMILIES.
+layer keeps generation exact, and compensated slicing fits the dense outputs better than
+slicing. Adding a family adds one row to FAMILIES.
 
 BONSAI_TEST_DEVICE=cuda runs the table on a GPU (scripts/gpu_contract.sh); the default is cpu.
 """
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from bonsai_prune.models import ADAPTERS, HEADS, adapter_for
+from bonsai_prune.models.compensation import Compensation, slice_units
 
 DEVICE = torch.device(os.environ.get("BONSAI_TEST_DEVICE", "cpu"))
 # GPU kernels (SDPA with and without the K/V gather) may round differently in the last bits
@@ -288,6 +290,40 @@ def test_stats_give_one_positive_value_per_unit(family):
     n_units = adapter.layout(model).n_units
     assert result.wanda.shape == result.weight_norm.shape == (n_units,)
     assert bool((result.wanda > 0).all()) and bool((result.weight_norm > 0).all())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_output_projections_read_each_module_and_compensation_refits_them(family):
+    """``output_projections`` names, per module with units, a linear with width channels per
+    unit; compensated slicing brings layer 0's attention output (its inputs are the dense
+    model's) and the logits on the calibration text closer to the dense model's than slicing."""
+    models = {name: build(family) for name in ("dense", "sliced", "compensated")}
+    adapter = adapter_for(models["dense"])
+    for module in adapter.layout(models["dense"]).modules:
+        linear, width = adapter.output_projections(models["dense"])[(module.layer, module.kind)]
+        assert linear.in_features == module.n_units * width
+    keep = uneven_keep(models["dense"])
+    ids, mask = ids_and_mask(n_rows=4, length=24)
+    adapter.slice(models["sliced"], keep)
+    slice_units(adapter, models["compensated"], keep, Compensation(ids, mask))
+    outputs, logits = {}, {}
+    for name, model in models.items():
+        o_proj = adapter.output_projections(model)[(0, HEADS)][0]
+        handle = o_proj.register_forward_hook(
+            lambda m, a, out, name=name: outputs.update({name: out})
+        )
+        with torch.no_grad():
+            logits[name] = model(ids, attention_mask=mask).logits[mask.bool()]
+        handle.remove()
+    real = mask.bool()
+
+    def error(name: str, values: dict) -> float:
+        part = values[name] if values is logits else values[name][real]
+        dense = values["dense"] if values is logits else values["dense"][real]
+        return float((part - dense).norm())
+
+    assert error("compensated", outputs) < 0.9 * error("sliced", outputs)
+    assert error("compensated", logits) < error("sliced", logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -46,3 +46,95 @@ def test_nothing_to_refit_and_bad_shapes():
         refit_kept_columns(w, gram[:5, :5], kept)
     with pytest.raises(ValueError, match="damping must be >= 0"):
         refit_kept_columns(w, gram, kept, damping=-1.0)
+
+
+# ---- compensated slicing in the methods (models/compensation.py, PruneConfig.compensate) ----
+
+
+def _wanda(tokenizer, compensate: bool):
+    from conftest import tiny_llama_for
+
+    from bonsai_prune import PruneConfig, UtilityConfig
+    from bonsai_prune.methods import METHODS
+    from bonsai_prune.methods.base import PruneContext
+
+    config = PruneConfig(
+        method="wanda",
+        sparsity=0.3,
+        calib_samples=2,
+        compensate=compensate,
+        compensate_samples=4,
+        utility=UtilityConfig(max_length=192),
+    )
+    model = tiny_llama_for(tokenizer)
+    context = PruneContext.create(model, tokenizer, config, progress=False)
+    return model, METHODS.get("wanda")(context), context.compensation
+
+
+def test_compensation_keeps_the_selection_and_fits_the_dense_model_better(tokenizer):
+    from conftest import tiny_llama_for
+
+    plain, plain_result, none = _wanda(tokenizer, compensate=False)
+    fitted, fitted_result, compensation = _wanda(tokenizer, compensate=True)
+    assert none is None and compensation is not None
+    assert torch.equal(plain_result.keep, fitted_result.keep)  # it changes weights, not choices
+    assert plain_result.params_after == fitted_result.params_after
+    dense = tiny_llama_for(tokenizer)
+    ids, mask = compensation.input_ids, compensation.attention_mask
+    with torch.no_grad():
+        target = dense(ids, attention_mask=mask).logits[mask.bool()]
+        errors = {
+            name: float((model(ids, attention_mask=mask).logits[mask.bool()] - target).norm())
+            for name, model in (("plain", plain), ("fitted", fitted))
+        }
+    assert errors["fitted"] < 0.9 * errors["plain"], errors
+
+
+def test_refit_outputs_leaves_untouched_and_emptied_modules_alone(tokenizer):
+    from conftest import tiny_llama_for
+
+    from bonsai_prune.models import adapter_for
+    from bonsai_prune.models.compensation import Compensation, refit_outputs
+
+    model = tiny_llama_for(tokenizer)
+    adapter = adapter_for(model)
+    layout = adapter.layout(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    keep = torch.ones(layout.n_units, dtype=torch.bool)
+    compensation = Compensation(torch.randint(3, 1000, (2, 10)), torch.ones(2, 10))
+    assert refit_outputs(adapter, model, keep, compensation) == 0
+    first, second = layout.modules[0], layout.modules[1]
+    keep[first.units] = False  # emptied: nothing can absorb it
+    keep[second.offset] = False  # thinned: refitted
+    assert refit_outputs(adapter, model, keep, compensation) == 1
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {f"model.layers.{second.layer}.mlp.down_proj.weight"}
+
+
+def test_compensation_is_on_by_default_and_old_runs_read_as_without_it():
+    from bonsai_prune import PruneConfig
+
+    assert PruneConfig().compensate is True
+    old = PruneConfig.from_saved(
+        {k: v for k, v in PruneConfig().to_dict().items() if not k.startswith("compensate")}
+    )
+    assert old.compensate is False
+    # a cache key hashes only what departs from the older runs: their keys stay valid
+    assert "compensate" not in old.identity() and "compensate_samples" not in old.identity()
+    assert PruneConfig().identity()["compensate"] is True
+
+
+def test_the_cli_turns_compensation_off_and_checks_the_sample_count():
+    import argparse
+
+    from bonsai_prune import PruneConfig
+    from bonsai_prune.cli_options import add_config_options, config_from_args
+    from bonsai_prune.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser, PruneConfig)
+    assert config_from_args(PruneConfig, parser.parse_args([])).compensate is True
+    args = parser.parse_args(["--no-compensate"])
+    assert config_from_args(PruneConfig, args).compensate is False
+    with pytest.raises(ConfigError, match="compensate_samples must be an integer >= 1"):
+        PruneConfig(compensate_samples=0)

@@ -97,7 +97,8 @@ def test_cli_prunes_with_u_dagger(tmp_path, default_model_dir):
     # the closing check: held-out perplexity and decode speed, dense -> pruned, measured
     check = re.search(r"reference perplexity: dense ([\d.]+) -> pruned ([\d.]+)", done.stdout)
     assert check, done.stdout
-    assert 1.0 < float(check.group(1)) < float(check.group(2)) < 100  # pruning costs a little
+    # pruning costs a little (at 5% with compensation, under the printed 0.01)
+    assert 1.0 < float(check.group(1)) <= float(check.group(2)) < 100
     assert re.search(r"decode: dense [\d.]+ -> pruned [\d.]+ tokens/s", done.stdout)
     assert f"bonsai-prune evaluate --model {out}" in done.stdout
     report = json.loads((out / "report.json").read_text())

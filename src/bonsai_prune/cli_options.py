@@ -87,8 +87,9 @@ def add_config_options(
         if _scalar_type(f.type) is not bool and "choices" not in meta:
             kwargs["metavar"] = meta.get("flag", f.name).upper()
         kind = _scalar_type(f.type)
-        if kind is bool:
-            parser.add_argument(*flags, action="store_true", **kwargs)
+        if kind is bool:  # a default of True is turned off with --no-<flag>
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(*flags, action=action, default=bool(default), **kwargs)
             continue
         if "parse" in meta:
             shown = _PARSERS[meta["parse"]][1](default)

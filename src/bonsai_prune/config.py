@@ -102,6 +102,15 @@ class _JsonConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
+    def identity(self) -> dict[str, Any]:
+        """``to_dict`` without the fields left at the value runs saved before them had: what
+        a cache key hashes, so adding a field keeps every cached result that did not use it."""
+        return {
+            name: value
+            for name, value in self.to_dict().items()
+            if name not in self.SAVED_BEFORE or value != self.SAVED_BEFORE[name]
+        }
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -209,7 +218,11 @@ class UtilityConfig(_JsonConfig):
 class PruneConfig(_JsonConfig):
     """One pruning run (DESIGN.md section 2)."""
 
-    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"beta_prior": "uniform"}
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {
+        "beta_prior": "uniform",
+        "compensate": False,
+        "compensate_samples": 16,
+    }
 
     model: str = option(
         DEFAULT_MODEL,
@@ -272,6 +285,14 @@ class PruneConfig(_JsonConfig):
     )
     allow_empty_modules: bool = option(False, "a module may lose all its units")
     tolerance: float = option(0.005, "stop when sparsity is within this of the target")
+    compensate: bool = option(
+        True,
+        "before each slice, refit the output projections of thinned modules by least squares "
+        "on calibration activations, so kept units also write what removed ones wrote",
+    )
+    compensate_samples: int = option(
+        16, "problems (the data pool's last) whose activations the refit uses"
+    )
     data: str | None = option(
         None, "JSONL of question/answer lines (default: packaged GSM8K train)"
     )
@@ -311,6 +332,8 @@ class PruneConfig(_JsonConfig):
         _check_text("model", self.model, hint="give 'default', a model folder or a hub id")
         _check_text("data", self.data, optional=True, hint="omit --data for packaged GSM8K")
         _check_bool("allow_empty_modules", self.allow_empty_modules)
+        _check_bool("compensate", self.compensate)
+        _check_int("compensate_samples", self.compensate_samples, minimum=1, hint="(problems)")
         if (
             isinstance(self.tolerance, bool)
             or not isinstance(self.tolerance, (int, float))

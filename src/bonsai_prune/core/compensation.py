@@ -37,8 +37,9 @@ def refit_kept_columns(
     if bool(kept.all()) or not bool(kept.any()):
         return weight
     k, r = kept.nonzero()[:, 0], (~kept).nonzero()[:, 0]
-    w, g = weight.double().clone(), gram.double()
+    w, g = weight.double().clone(), gram.to(weight.device, torch.float64)
     g_kk = g[k][:, k]
-    ridge = damping * g_kk.diagonal().mean() * torch.eye(len(k), dtype=torch.float64)
+    eye = torch.eye(len(k), dtype=torch.float64, device=g.device)
+    ridge = damping * g_kk.diagonal().mean() * eye
     w[:, k] += torch.linalg.solve(g_kk + ridge, g[k][:, r] @ w[:, r].T).T
     return w.to(weight.dtype)

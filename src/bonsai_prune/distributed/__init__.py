@@ -36,7 +36,12 @@ __all__ = ["EvaluatorPool", "evaluator_pool", "open_pool"]  # evaluate.generate_
 
 @contextmanager
 def evaluator_pool(
-    config: WorkersConfig, model, keeps: list[torch.Tensor], utility, serial: Callable
+    config: WorkersConfig,
+    model,
+    keeps: list[torch.Tensor],
+    utility,
+    serial: Callable,
+    compensates: bool = False,
 ) -> Iterator[Callable]:
     """The function that scores a round's masks: ``serial`` itself, or a pool's (closed on exit).
 
@@ -45,11 +50,12 @@ def evaluator_pool(
     utility: the run's utility (rebuilt on each worker from its config, or pickled).
     serial: the method's scorer, ``(adapter, model, utility, batch, masks, masks_per_forward,
         progress) -> (N,)``; each worker calls it on its chunks (it travels by name).
+    compensates: the method refits output projections before slicing: replicas receive them.
     """
     if not config.enabled:
         yield serial
         return
-    pool = open_pool(config, model, keeps, utility, serial)
+    pool = open_pool(config, model, keeps, utility, serial, compensates)
     try:
         yield pool.score_masks
     finally:
@@ -62,6 +68,7 @@ def open_pool(
     keeps: list[torch.Tensor] | None = None,
     utility=None,
     serial: Callable | None = None,
+    compensates: bool = False,
 ) -> EvaluatorPool:
     """Start the workers of ``config``; each builds a replica of ``model`` (the caller closes).
 
@@ -83,7 +90,7 @@ def open_pool(
             raise ConfigError("--ray on a cluster without GPUs needs --workers N (Ray actors)")
         threads = 1 if cuda else max(1, int(resources.get("CPU", 1)) // n_workers)
         backend = RayBackend(n_workers, snapshot_bytes(model), spec, cuda, threads, config.ray)
-        return EvaluatorPool(backend, n_workers, keeps)
+        return EvaluatorPool(backend, n_workers, keeps, ship_projections=compensates)
     folder = tempfile.TemporaryDirectory(prefix="bonsai-replica-")
     path = Path(folder.name) / "model.pt"
     torch.save(model, path)  # read by each worker at start and by any restarted one
@@ -92,4 +99,4 @@ def open_pool(
     backend = LocalBackend(
         config.workers, spec, devices, threads_per_worker(config.workers), snapshot=folder
     )
-    return EvaluatorPool(backend, config.workers, keeps)
+    return EvaluatorPool(backend, config.workers, keeps, ship_projections=compensates)

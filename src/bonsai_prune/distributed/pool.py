@@ -117,6 +117,24 @@ class RoundState:
     n_params: int  # adapter.count_parameters of the driver's model
     batch: CalibrationBatch  # without its tokenizer (sent once per worker)
     tokenizer: Any = None  # set only for a worker that has not received it yet
+    # the driver's output-projection weights when compensation refitted them: a replica copies
+    # them rather than refit itself, whose forward may differ in the last bit
+    projections: dict[str, torch.Tensor] | None = None
+
+
+def projection_weights(adapter, model) -> dict[str, torch.Tensor]:
+    """``"<layer>.<kind>"`` -> the weight of that module's output projection, on the CPU."""
+    return {
+        f"{layer}.{kind}": linear.weight.detach().cpu()
+        for (layer, kind), (linear, _) in adapter.output_projections(model).items()
+    }
+
+
+@torch.no_grad()
+def load_projections(adapter, model, weights: dict[str, torch.Tensor]) -> None:
+    """Copy :func:`projection_weights` of the driver's model into this replica's."""
+    for (layer, kind), (linear, _) in adapter.output_projections(model).items():
+        linear.weight.copy_(weights[f"{layer}.{kind}"])
 
 
 class Replica:
@@ -144,6 +162,8 @@ class Replica:
         for keep in state.keeps[self.n_applied :]:
             self.adapter.slice(self.model, keep)
             self.n_applied += 1
+        if state.projections is not None:
+            load_projections(self.adapter, self.model, state.projections)
         if (
             self.adapter.count_parameters(self.model) != state.n_params
             or self.adapter.structure(self.model) != state.structure
@@ -283,6 +303,8 @@ class EvaluatorPool:
 
     keeps: the driver's list of the keep masks of the rounds so far (the method appends to
     it), so that a replica built from the dense model can replay them.
+    ship_projections: the run compensates (``models.compensation``): each round state also
+    carries the driver's output-projection weights, which slicing alone does not reproduce.
     """
 
     def __init__(
@@ -291,9 +313,11 @@ class EvaluatorPool:
         n_workers: int,
         keeps: list[torch.Tensor],
         max_restarts: int | None = None,
+        ship_projections: bool = False,
     ) -> None:
         self.backend = backend
         self.keeps = keeps
+        self.ship_projections = ship_projections  # compensation: send refitted weights
         self.stats = PoolStats(n_workers)
         self.max_restarts = n_workers if max_restarts is None else max_restarts
         self.version = 0
@@ -321,6 +345,7 @@ class EvaluatorPool:
             adapter.count_parameters(model),
             batch_to(batch, "cpu", None),
             batch.tokenizer,
+            projection_weights(adapter, model) if self.ship_projections else None,
         )
         bounds = chunk_bounds(masks.shape[0], group_size(utility, masks_per_forward))
         jobs = [("score", masks[a:b], masks_per_forward) for a, b in bounds]

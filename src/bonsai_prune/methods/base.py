@@ -27,11 +27,12 @@ from bonsai_prune.core.budget import (
     selection_costs,
 )
 from bonsai_prune.core.selection import select_units
-from bonsai_prune.data.calibration import CalibrationBatch, batch_maker
+from bonsai_prune.data.calibration import CalibrationBatch, batch_maker, build_batch
 from bonsai_prune.data.problems import load_gsm8k, load_problems
 from bonsai_prune.errors import PruningError
 from bonsai_prune.methods.forward import unit_prior
 from bonsai_prune.models.adapter import UnitLayout, adapter_for
+from bonsai_prune.models.compensation import Compensation, slice_units
 from bonsai_prune.registry import Registry
 from bonsai_prune.utility import resolve_utility
 
@@ -55,6 +56,7 @@ class PruneContext:
     completed_rounds: list[tuple[torch.Tensor, dict]] = field(default_factory=list)
     on_round: Callable[[Any], None] | None = None  # called with each finished round (saving)
     workers: WorkersConfig = field(default_factory=WorkersConfig)  # where sub-models are scored
+    compensation: Compensation | None = None  # refit before every slice (config.compensate)
 
     @classmethod
     def create(
@@ -84,9 +86,27 @@ class PruneContext:
             device=next(model.parameters()).device,
         )
         score = utility if utility is not None else resolve_utility(u)
+        extra.setdefault("compensation", compensation_for(model, tokenizer, pool, config))
         return cls(
             model, tokenizer, adapter_for(model), config, make_batch, score, progress, **extra
         )
+
+
+def compensation_for(model, tokenizer, pool: list, config: PruneConfig) -> Compensation | None:
+    """The fixed calibration text of ``config.compensate``: the pool's last
+    ``compensate_samples`` problems, posed as the utility poses them; None when it is off."""
+    if not config.compensate:
+        return None
+    u = config.utility
+    batch = build_batch(
+        tokenizer,
+        pool[-config.compensate_samples :],
+        prompt=u.prompt,
+        shots=u.shots,
+        max_length=u.max_length,
+        device=next(model.parameters()).device,
+    )
+    return Compensation(batch.input_ids, batch.attention_mask)
 
 
 @dataclass
@@ -173,12 +193,14 @@ def prune_to_target(
     n_reference: int,
     *,
     allow_empty: bool | None = None,
+    compensation: Compensation | None = None,
 ) -> Slicing:
     """Slice the lowest-scored units until ``config.sparsity`` of ``n_reference`` is removed.
 
     score (U,): per unit of the current model, higher = keep; +inf = never remove.
     n_reference: the parameter count the target sparsity is measured against.
     allow_empty: per-module floors (default: ``config.allow_empty_modules``).
+    compensation: refit before each slice (``models.compensation``).
 
     A pass selects within the parameters still to remove and slices; selection charges a K/V
     head to its group's last query head (``core.budget.selection_costs``), so a pass frees
@@ -203,7 +225,7 @@ def prune_to_target(
         ).keep
         if bool(keep.all()):
             keep = _remove_one_more(score, layout, floors)
-        adapter.slice(model, keep)
+        slice_units(adapter, model, keep, compensation)
         alive, score = alive[keep], score[keep]
         n_passes += 1
     final_keep = torch.zeros(n_units, dtype=torch.bool)
@@ -268,13 +290,16 @@ def finish(
 
 
 def prune_by_score(
-    model, adapter, config: PruneConfig, score: torch.Tensor, started: float, **details
+    context: PruneContext, score: torch.Tensor, started: float, **details
 ) -> MethodResult:
-    """One-shot: protect unprunable kinds, slice to the target, report."""
+    """One-shot: protect unprunable kinds, slice ``context.model`` to the target, report."""
+    model, adapter, config = context.model, context.adapter, context.config
     n_before = adapter.count_parameters(model)
     check_reachable(adapter, model, config, n_before)
     score = protect_unprunable(score, adapter.layout(model), config.unit_kinds)
-    slicing = prune_to_target(model, adapter, config, score, n_before)
+    slicing = prune_to_target(
+        model, adapter, config, score, n_before, compensation=context.compensation
+    )
     return finish(
         model, adapter, slicing.keep, n_before, started, n_passes=slicing.n_passes, **details
     )

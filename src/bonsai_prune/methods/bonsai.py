@@ -40,6 +40,7 @@ from bonsai_prune.distributed import evaluator_pool
 from bonsai_prune.errors import PruningError, RunDirectoryError
 from bonsai_prune.methods.base import METHODS, MethodResult, PruneContext
 from bonsai_prune.methods.forward import score_masks, unit_prior
+from bonsai_prune.models.compensation import Compensation, refit_outputs, slice_units
 from bonsai_prune.utility.validity import (
     UtilityWarning,
     measure_validity,
@@ -165,8 +166,10 @@ def run_round(
     n_original: int,
     progress: bool = True,
     score: Callable = score_masks,  # or an evaluator pool's (distributed/): same signature
+    compensation: Compensation | None = None,
 ) -> RoundResult:
-    """One Bonsai round on ``model``: it ends with the chosen units physically removed."""
+    """One Bonsai round on ``model``: it ends with the chosen units physically removed
+    (their modules' output projections refitted first, with ``compensation``)."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -254,6 +257,9 @@ def run_round(
             f"round {index} could not remove any unit within its budget of {budget:.0f} "
             "parameters; raise --prune-frac or --tolerance"
         )
+    if compensation is not None:
+        refit_outputs(adapter, model, selection.keep, compensation)
+        lap("compensation")
     adapter.slice(model, selection.keep)
     lap("slicing")
     params_after = adapter.count_parameters(model)
@@ -295,6 +301,7 @@ def iterate_rounds(
     start: int = 1,
     progress: bool = True,
     score: Callable = score_masks,
+    compensation: Compensation | None = None,
 ) -> Iterator[RoundResult]:
     """Yield one RoundResult per round until the target sparsity is reached."""
     index = start
@@ -311,6 +318,7 @@ def iterate_rounds(
                 n_original,
                 progress,
                 score,
+                compensation,
             )
             bar.update(1)
             bar.set_postfix(
@@ -322,13 +330,18 @@ def iterate_rounds(
         bar.close()
 
 
-def replay_rounds(model, adapter, completed: list[tuple[torch.Tensor, dict]]) -> None:
-    """Re-apply the saved keep masks of completed rounds: slicing is deterministic, so the
-    model ends exactly where the interrupted run stood."""
+def replay_rounds(
+    model,
+    adapter,
+    completed: list[tuple[torch.Tensor, dict]],
+    compensation: Compensation | None = None,
+) -> None:
+    """Re-apply the saved keep masks of completed rounds: slicing (and compensation, on its
+    fixed calibration text) is deterministic, so the model ends where the interrupted run stood."""
     for index, (keep, figures) in enumerate(completed, start=1):
         if keep.shape[0] != adapter.layout(model).n_units:
             raise RunDirectoryError(f"saved round {index} does not fit the model; use a new --out")
-        adapter.slice(model, keep)
+        slice_units(adapter, model, keep, compensation)
         if adapter.count_parameters(model) != figures["params_after"]:
             raise RunDirectoryError(f"replaying saved round {index} gave a different model")
 
@@ -344,10 +357,16 @@ def bonsai(context: PruneContext) -> MethodResult:
     result.round_figures = [figures for _, figures in context.completed_rounds]
     result.keep_masks = [keep for keep, _ in context.completed_rounds]
     # workers build their replica from the model as it is now and replay result.keep_masks
+    compensation = context.compensation
     with evaluator_pool(
-        context.workers, model, result.keep_masks, context.utility, score_masks
+        context.workers,
+        model,
+        result.keep_masks,
+        context.utility,
+        score_masks,
+        compensates=compensation is not None,
     ) as score:
-        replay_rounds(model, adapter, context.completed_rounds)
+        replay_rounds(model, adapter, context.completed_rounds, compensation)
         for round_result in iterate_rounds(
             model,
             adapter,
@@ -358,6 +377,7 @@ def bonsai(context: PruneContext) -> MethodResult:
             start=len(context.completed_rounds) + 1,
             progress=context.progress,
             score=score,
+            compensation=compensation,
         ):
             result.rounds.append(round_result)
             result.keep_masks.append(round_result.keep)

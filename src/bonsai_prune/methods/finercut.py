@@ -47,6 +47,7 @@ from bonsai_prune.methods.base import (
     refuse_resume,
 )
 from bonsai_prune.models.adapter import HEADS, NEURONS, ModuleUnits
+from bonsai_prune.models.compensation import slice_units
 
 ROWS_PER_FORWARD = 8
 POSITIONS_PER_CHUNK = 256  # LM-head rows at a time: 256 x vocab floats per log-prob chunk
@@ -171,7 +172,7 @@ def finercut(context: PruneContext) -> MethodResult:
     n_before = adapter.count_parameters(model)
     batch = context.make_batch(1)
     keep, steps, thin = greedy_removals(model, adapter, batch, config, n_before, context.progress)
-    adapter.slice(model, keep)
+    slice_units(adapter, model, keep, context.compensation)
     thinned = None
     if thin is not None:
         layout = adapter.layout(model)
@@ -179,7 +180,15 @@ def finercut(context: PruneContext) -> MethodResult:
         wanda = prior_scores(adapter, model, batch, "wanda", config.seed)  # (U_now,)
         score = torch.full_like(wanda, math.inf)
         score[module.units] = wanda[module.units]
-        thin_keep = prune_to_target(model, adapter, config, score, n_before, allow_empty=True).keep
+        thin_keep = prune_to_target(
+            model,
+            adapter,
+            config,
+            score,
+            n_before,
+            allow_empty=True,
+            compensation=context.compensation,
+        ).keep
         survivors = torch.nonzero(keep).flatten()  # original index of each current unit
         keep = torch.zeros_like(keep)
         keep[survivors[thin_keep]] = True

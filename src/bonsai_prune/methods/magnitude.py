@@ -31,4 +31,4 @@ def magnitude(context: PruneContext) -> MethodResult:
     # the statistics collector runs a forward; the weight norms do not depend on it
     batch = context.make_batch(1)
     score = prior_scores(adapter, model, batch, "magnitude", config.seed)
-    return prune_by_score(model, adapter, config, score, started, ranking="relative weight norm")
+    return prune_by_score(context, score, started, ranking="relative weight norm")

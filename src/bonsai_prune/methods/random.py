@@ -30,4 +30,4 @@ def random_method(context: PruneContext) -> MethodResult:
     model, adapter, config = context.model, context.adapter, context.config
     generator = torch.Generator().manual_seed(config.seed)
     score = torch.rand(adapter.layout(model).n_units, generator=generator, dtype=torch.float64)
-    return prune_by_score(model, adapter, config, score, started, ranking="uniform draw")
+    return prune_by_score(context, score, started, ranking="uniform draw")

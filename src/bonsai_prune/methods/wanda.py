@@ -31,4 +31,4 @@ def wanda(context: PruneContext) -> MethodResult:
     model, adapter, config = context.model, context.adapter, context.config
     batch = context.make_batch(1)
     score = prior_scores(adapter, model, batch, "wanda", config.seed)
-    return prune_by_score(model, adapter, config, score, started, ranking="relative wanda")
+    return prune_by_score(context, score, started, ranking="relative wanda")

@@ -161,6 +161,11 @@ class ArchitectureAdapter(Protocol):
         stand in for the emptied sub-layer (0 then); without it, what the stock module needs.
         """
 
+    def output_projections(self, model) -> dict[tuple[int, str], tuple[torch.nn.Linear, int]]:
+        """(layer, kind) -> (the linear reading the module's units, input channels per unit)
+        for every module with units: where masks scale, statistics and Gram matrices are
+        recorded, and compensation refits (``models/compensation.py``)."""
+
     def apply_masks(self, model, keep: torch.Tensor) -> AbstractContextManager[None]:
         """Virtually remove units: keep (U,) or (B, U), one row per batch row. No weight changes."""
 

@@ -253,6 +253,16 @@ class LlamaAdapter:
 
     # ---- virtual masking and statistics ---------------------------------------------------
 
+    def output_projections(self, model) -> dict[tuple[int, str], tuple[nn.Linear, int]]:
+        """(layer, kind) -> (o_proj or down_proj, channels per unit) for every non-empty module:
+        the linear whose input channels are the units' separate contributions."""
+        projections = {}
+        for i, layer in enumerate(self._layers(model)):
+            if not isinstance(layer.self_attn, EmptyAttention):
+                projections[(i, HEADS)] = (layer.self_attn.o_proj, layer.self_attn.head_dim)
+            projections[(i, NEURONS)] = (layer.mlp.down_proj, 1)
+        return projections
+
     @contextmanager
     def apply_masks(self, model, keep: torch.Tensor):
         """Scale head outputs and neuron activations by ``keep`` (U,) or (B, U) inside the block."""
@@ -260,16 +270,13 @@ class LlamaAdapter:
         keep = keep if keep.dim() == 2 else keep[None]  # (B, U)
         # one host-to-device copy here, not one per hook call and decode step
         keep = keep.to(next(model.parameters()).device)
+        projections = self.output_projections(model)
         handles = []
         try:
             for module, mask in layout.split(keep):
                 if bool(mask.all()):
                     continue  # nothing removed here: no hook, no cost
-                layer = self._layers(model)[module.layer]
-                if module.kind == HEADS:
-                    target, width = layer.self_attn.o_proj, layer.self_attn.head_dim
-                else:
-                    target, width = layer.mlp.down_proj, 1
+                target, width = projections[(module.layer, module.kind)]
                 handles.append(target.register_forward_pre_hook(mask_hook(mask, width)))
             yield
         finally:
@@ -280,15 +287,11 @@ class LlamaAdapter:
     def collect_stats(self, model):
         """Accumulate mean |input| per channel of every o_proj and down_proj."""
         collector = StatsCollector(self, model)
-        handles = []
+        handles = [
+            target.register_forward_pre_hook(collector.hook(layer, kind))
+            for (layer, kind), (target, _) in self.output_projections(model).items()
+        ]
         try:
-            for i, layer in enumerate(self._layers(model)):
-                if not isinstance(layer.self_attn, EmptyAttention):
-                    o_proj = layer.self_attn.o_proj
-                    handles.append(o_proj.register_forward_pre_hook(collector.hook(i, HEADS)))
-                handles.append(
-                    layer.mlp.down_proj.register_forward_pre_hook(collector.hook(i, NEURONS))
-                )
             yield collector
         finally:
             for handle in handles:

@@ -245,7 +245,7 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
 def cell_key(config: PruneConfig, eval_config: EvalConfig) -> str:
     """``<method>[-<utility>]-s<sparsity>-seed<seed>-<hash8>``: stable for equal configs."""
     method = config.method + (f"-{config.utility.name}" if scores_submodels(config) else "")
-    digest = _digest({"prune": config.to_dict(), "eval": eval_config.to_dict()})
+    digest = _digest({"prune": config.identity(), "eval": eval_config.identity()})
     return f"{method}-s{config.sparsity:g}-seed{config.seed}-{digest}"
 
 
