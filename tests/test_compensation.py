@@ -1,4 +1,5 @@
-"""The least-squares refit of a projection's kept columns (core/compensation.py)."""
+"""Compensation: the least-squares refit of a projection's kept columns (core/compensation.py)
+and compensated slicing in the methods (models/compensation.py, PruneConfig.compensate)."""
 
 from __future__ import annotations
 

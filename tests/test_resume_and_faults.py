@@ -34,6 +34,8 @@ ARGS = [
     "0.005",
     "--seed",
     "3",
+    "--compensate-samples",  # the resumed run replays compensated slices; 4 problems keep it quick
+    "4",
 ]
 
 

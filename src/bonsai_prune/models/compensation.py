@@ -7,7 +7,7 @@ residual stream. One forward over a fixed calibration text records, for every pr
 to lose channels, the Gram matrix of its inputs; ``core.compensation.refit_kept_columns`` then
 solves the least-squares refit of the kept columns. Measured on the packaged model
 (``results/search-quality/ppl20.md``, Bonsai+perplexity, held-out reference perplexity):
-5.21 -> 4.47 at 20% sparsity, 8.96 -> 5.32 at 35%, for ~10 s per round on 2 cores.
+5.21 -> 4.43 at 20% sparsity, 8.96 -> 5.65 at 35%, for ~9 s per round on 2 cores.
 
 The calibration text is fixed for the whole run (not the round's batch), so replaying a run's
 keep masks (``--resume``, an evaluator pool's replicas) refits exactly as the run did: a
