@@ -8,15 +8,10 @@ removed by the adapter's context managers; nothing is stored on the modules.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from bonsai_prune.models.adapter import HEADS, NEURONS, UnitStats
 from bonsai_prune.models.attention import EmptyAttention
-
-if TYPE_CHECKING:
-    from bonsai_prune.models.llama import LlamaAdapter
 
 
 def mask_hook(mask: torch.Tensor, width: int):
@@ -37,7 +32,7 @@ def mask_hook(mask: torch.Tensor, width: int):
 class StatsCollector:
     """Sums |input| per channel at each masked projection; turns them into per-unit priors."""
 
-    def __init__(self, adapter: LlamaAdapter, model) -> None:
+    def __init__(self, adapter, model) -> None:  # the LlamaAdapter (or subclass) recording
         self.adapter, self.model = adapter, model
         self.abs_sum: dict[tuple[int, str], torch.Tensor] = {}
         self.n_tokens: dict[tuple[int, str], int] = {}
