@@ -40,6 +40,9 @@ def test_projection_shrinks_the_body_with_each_round_and_bounds_by_flops():
     assert got["projected_evaluation_s"] == pytest.approx(200 * 0.5 * 2 * 7.75)
     assert got["projected_s"] == pytest.approx(got["projected_evaluation_s"] + 2 * 2 * 7.75 + 30)
     assert got["flops_lower_bound_s"] == pytest.approx(200 * 1e9 * 2 * 7.75 / 1e10)
+    # compensation before each slice: measured once, shrinking with the body
+    compensated = project_search(0.5, 4, 1e9, 0.0, 1e10, {**overhead, "compensation_s": 4.0})
+    assert compensated["projected_s"] == pytest.approx(got["projected_s"] + 4.0 * 7.75)
 
 
 def test_the_lm_head_does_not_shrink():

@@ -12,7 +12,8 @@ Every ratio compares two measurements taken in the same run on the same machine:
 * the wall time and peak memory of a real pruning run against plain inference;
 * the time to 50% sparsity with Bonsai's own budget (5% per round, 200 sub-models, 8
   problems, perplexity), *projected* from the measured cost of one evaluation, the prior and a
-  ridge fit of that size (``project_search``), against the bound its FLOPs set at the peak.
+  ridge fit of that size and a compensation (``project_search``), against the bound its FLOPs
+  set at the peak.
 
 Memory is each child process's own peak (VmHWM), so each figure is that job's alone. Timed
 comparisons alternate their two sides, so a busy machine slows both alike.
@@ -195,17 +196,26 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
             figures[name]["model_gflops_per_s"] = flops * len(masks) / fast_s / 1e9
             figures[name]["body_flops_per_eval"] = 2 * params * tokens
             figures[name]["head_flops_per_eval"] = 2 * hidden * vocab * batch.n_target_tokens
-    figures["round_overhead"] = _round_overhead(adapter, fast_model, batch, generator)
+    figures["round_overhead"] = _round_overhead(
+        adapter, fast_model, batch, generator, tokenizer, masks[0]
+    )
     return figures
 
 
-def _round_overhead(adapter, model, batch, generator) -> dict:
+def _round_overhead(adapter, model, batch, generator, tokenizer, keep: torch.Tensor) -> dict:
     """Seconds a round spends outside sub-model evaluation at Bonsai's budget: the prior's
-    forward passes (on ``batch``) and a ridge fit on Bonsai's 200 masks over the candidates
-    that a 5% round leaves (random data: the fit's cost depends only on the shape)."""
+    forward passes (on ``batch``), a ridge fit on Bonsai's 200 masks over the candidates
+    that a 5% round leaves (random data: the fit's cost depends only on the shape), and the
+    default compensation before the slice (``keep``, on a copy of the model)."""
+    import copy
+
+    from bonsai_prune.config import PruneConfig
     from bonsai_prune.core.priors import fixed_units
     from bonsai_prune.core.regression import fit_importance
+    from bonsai_prune.data.problems import load_gsm8k
+    from bonsai_prune.methods.base import compensation_for
     from bonsai_prune.methods.forward import unit_prior
+    from bonsai_prune.models.compensation import refit_outputs
 
     layout = adapter.layout(model)
     prior, prior_s = _timed(lambda: unit_prior(adapter, model, batch, "wanda", generator))
@@ -215,10 +225,14 @@ def _round_overhead(adapter, model, batch, generator) -> dict:
     masks = torch.rand((BONSAI_BUDGET["masks_per_round"], n_candidates), generator=generator) < 0.5
     scores = torch.randn(masks.shape[0], generator=generator, dtype=torch.float64)
     _, regression_s = _timed(lambda: fit_importance(masks, scores))
+    compensation = compensation_for(model, tokenizer, load_gsm8k("train"), PruneConfig())
+    scratch = copy.deepcopy(model)  # the refit writes the weights the other timings use
+    _, compensation_s = _timed(lambda: refit_outputs(adapter, scratch, keep, compensation))
     return {
         "prior_s": prior_s,
         "prior_problems": int(batch.input_ids.shape[0]),
         "regression_s": regression_s,
+        "compensation_s": compensation_s,
         "n_candidates": n_candidates,
     }
 
@@ -246,7 +260,8 @@ def project_search(
 
     Round r (0-based) starts with ``1 - r * prune_fraction`` of the non-embedding parameters;
     the body's share of an evaluation's cost shrinks with them, the LM head's does not. Costs
-    measured on ``problems_measured`` calibration problems scale linearly to the budget's.
+    measured on ``problems_measured`` calibration problems scale linearly to the budget's;
+    compensation (``overhead["compensation_s"]``, one measured refit) shrinks with the body.
     """
     rounds = math.ceil(round(budget["sparsity"] / budget["prune_fraction"], 9))
     per_problem = budget["calib_samples"] / problems_measured
@@ -258,6 +273,7 @@ def project_search(
         evals = budget["masks_per_round"] * seconds_per_eval * per_problem * share
         evaluation += evals
         total += evals + overhead["prior_s"] * prior_scale * left + overhead["regression_s"]
+        total += overhead.get("compensation_s", 0.0) * left
         bound += budget["masks_per_round"] * (body_flops * left + head_flops) * per_problem
     bound /= peak_flops_per_s
     return {
