@@ -214,6 +214,27 @@ def test_the_second_study_covers_issue_20s_grid():
     assert {c.prune_config.stop_agreement for c in stops.values()} == {0.0, 0.9}  # issue 18
 
 
+def test_cells_cached_before_a_field_existed_keep_their_keys():
+    """The study's uncompensated cells were cached before ``compensate`` existed: their keys
+    (folders committed under results/study/cells/) must be what the grid computes today, or a
+    new field silently re-runs hours of cached work. A new PruneConfig field needs its old
+    behaviour in ``SAVED_BEFORE``."""
+    root = Path(__file__).parents[1] / "results"
+    g = load_grid(root / "study.yaml")
+    off = [
+        c
+        for c in g.cells
+        if c.group.startswith("ablation: compensation") and c.label == "no compensation"
+    ]
+    assert len(off) == 4
+    for cell in off:
+        assert (root / "study" / "cells" / cell.key / "cell.json").is_file(), cell.key
+    on = {c.key for c in g.cells if c.group.startswith("ablation: compensation")} - {
+        c.key for c in off
+    }
+    assert len(on) == 4 and not on & {c.key for c in off}
+
+
 @pytest.mark.parametrize("name", ["grid-session.yaml", "grid-gpu.yaml"])
 def test_the_other_shipped_grids_parse_with_every_main_method(name):
     g = load_grid(Path(__file__).parents[1] / "results" / name)
