@@ -313,6 +313,7 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     assert "the first 2 problems of GSM8K test" in report and "torch " in report
     # the search budget of the Bonsai cells, and what the cache spent (2 seeds x 1 round x 4)
     assert "- Search (Bonsai cells): 4 sub-models per round x 2 calibration problems" in report
+    assert "removed per round, least-squares compensation before each slice" in report
     assert "; 8 sub-model evaluations in the cache." in report
     assert "Paired differences from **random** (seed 0) on the same 2 problems" in report
     assert "Against the dense model on the same 2 problems" in report

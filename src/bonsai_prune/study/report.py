@@ -170,6 +170,7 @@ def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
                 c.prune_config.masks_per_round,
                 c.prune_config.calib_samples,
                 c.prune_config.prune_fraction,
+                c.prune_config.compensate,
             )
             for c in grid.unique_cells()
             if scores_submodels(c.prune_config)
@@ -179,8 +180,9 @@ def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
         return []
     budgets = "; ".join(
         f"{masks} sub-models per round x {calib} calibration problems, {100 * fraction:g}% of "
-        "the parameters removed per round"
-        for masks, calib, fraction in searches
+        "the parameters removed per round, "
+        + ("least-squares compensation before each slice" if compensate else "no compensation")
+        for masks, calib, fraction, compensate in searches
     )
     scored = sum(
         (r.get("sampling") or {}).get("n_scored", 0)
