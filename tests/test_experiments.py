@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -389,6 +390,16 @@ def test_a_recovered_cell_is_distilled_evaluated_cached_and_reported(
     second = run_experiment(path, progress=False, load=calls.load)
     assert [o.status for o in second.outcomes] == ["cached"] * 3
     assert calls.reset() == {"load": 0, "prune": 0, "evaluate": 0}
+
+    # a fresh checkout: the cache keeps figures, not weights (.gitignore), and a recovery was
+    # killed midway: the cell is pruned and evaluated again, then the recovery starts over
+    shutil.rmtree(tmp_path / "out" / "cells" / cell.key / "run" / "model")
+    shutil.rmtree(recovered / "eval")
+    (recovered / "run" / "report.json").write_text(json.dumps({"complete": False}))
+    third = run_experiment(path, progress=False, load=calls.load)
+    assert [o.status for o in third.outcomes] == ["cached", "cached", "ran", "ran"]
+    assert calls.reset() == {"load": 1, "prune": 1, "evaluate": 2}
+    assert json.loads((recovered / "run" / "report.json").read_text())["complete"] is True
 
 
 def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems(

@@ -70,8 +70,16 @@ def run_experiment(
         outcome = _run_cell(grid, cell, load, progress)
         outcomes.append(outcome)
         print(f"[{number}/{len(cells)}] {_cell_line(grid, cell, outcome)}", flush=True)
+        rebuilt = (
+            cell.recover and outcome.status == "cached" and _parent_weights_missing(grid, cell)
+        )
+        if rebuilt:
+            outcome = _run_cell(grid, cell, load, progress, rebuild=True)
+            outcomes.append(outcome)
+            line = _cell_line(grid, cell, outcome, " (rebuilt: its weights are not in the cache)")
+            print(f"[{number}/{len(cells)}] {line}", flush=True)
         if cell.recover and outcome.status != "failed":
-            outcome = _run_recovery(grid, cell, progress)
+            outcome = _run_recovery(grid, cell, progress, fresh=rebuilt)
             outcomes.append(outcome)
             line = _cell_line(grid, cell, outcome, RECOVERED_SUFFIX)
             print(f"[{number}/{len(cells)}] {line}", flush=True)
@@ -123,11 +131,21 @@ def _run_dense(grid: Grid, load: Loader, progress: bool) -> CellOutcome:
     return CellOutcome(grid.dense_key, DENSE_LABEL, "ran", time.perf_counter() - began)
 
 
-def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutcome:
-    """Prune (or resume, or reload a finished prune) and evaluate one cell."""
+def _parent_weights_missing(grid: Grid, cell: Cell) -> bool:
+    """A recovery still to run whose pruned parent's weights are gone: the cache keeps
+    figures, not weights (``.gitignore``), so a fresh checkout has the cell but not its model."""
+    recovery = read_cell(grid, recovered_key(grid, cell.key))
+    return not recovery.done and not is_pruned_dir(cell_dir(grid, cell.key) / "run")
+
+
+def _run_cell(
+    grid: Grid, cell: Cell, load: Loader, progress: bool, rebuild: bool = False
+) -> CellOutcome:
+    """Prune (or resume, or reload a finished prune) and evaluate one cell; ``rebuild``: prune
+    and evaluate it afresh although it is cached (its recovery needs the weights)."""
     folder, config = cell_dir(grid, cell.key), cell.prune_config
     record = read_cell(grid, cell.key)
-    if record.done:
+    if record.done and not rebuild:
         return CellOutcome(cell.key, cell.label, "cached", 0.0)
     began = time.perf_counter()
     run = folder / "run"
@@ -143,7 +161,7 @@ def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutco
         },
     )
     try:
-        if (record.prune_report or {}).get("complete") and is_pruned_dir(run):
+        if (record.prune_report or {}).get("complete") and is_pruned_dir(run) and not rebuild:
             model, tokenizer = load_pruned(run, device=config.device)  # only the eval was lost
             model = model.to(resolve_dtype(config.dtype, config.device))
         else:
@@ -151,6 +169,7 @@ def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutco
             resume = (
                 getattr(METHODS.get(config.method), "resumes", False)
                 and (run / "config.json").is_file()
+                and not rebuild
             )
             pruned = prune(
                 config,
@@ -169,8 +188,9 @@ def _run_cell(grid: Grid, cell: Cell, load: Loader, progress: bool) -> CellOutco
     return CellOutcome(cell.key, cell.label, "ran", time.perf_counter() - began)
 
 
-def _run_recovery(grid: Grid, cell: Cell, progress: bool) -> CellOutcome:
-    """Distil a pruned cell from its dense parent (resuming a killed recovery) and evaluate it."""
+def _run_recovery(grid: Grid, cell: Cell, progress: bool, fresh: bool = False) -> CellOutcome:
+    """Distil a pruned cell from its dense parent (resuming a killed recovery; ``fresh``: its
+    parent was rebuilt, so a killed recovery starts over) and evaluate it."""
     key = recovered_key(grid, cell.key)
     folder, label = cell_dir(grid, key), cell.label + RECOVERED_SUFFIX
     record = read_cell(grid, key)
@@ -182,7 +202,7 @@ def _run_recovery(grid: Grid, cell: Cell, progress: bool) -> CellOutcome:
         if record.pruned and is_pruned_dir(run):  # only the evaluation was lost
             model, tokenizer = load_pruned(run, device=cell.prune_config.device)
         else:
-            started = (run / "report.json").is_file()
+            started = (run / "report.json").is_file() and not fresh
             result = recover(
                 cell_dir(grid, cell.key) / "run",
                 run,
