@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bonsai_prune.bench import MAX_RATIO_SPREAD, _ratio_text, project_search, ratio_over_rounds
 
@@ -49,3 +50,31 @@ def test_the_lm_head_does_not_shrink():
     overhead = {"prior_s": 0.0, "prior_problems": 8, "regression_s": 0.0}
     head_only = project_search(1.0, 8, 0.0, 1e9, 1e9, overhead)
     assert head_only["projected_evaluation_s"] == pytest.approx(2000.0)
+
+
+def test_evaluation_flops_count_attention_per_row_and_the_reference_pads(tokenizer):
+    from conftest import tiny_llama_for
+
+    from bonsai_prune.bench import attention_flops, evaluation_flops
+    from bonsai_prune.data.calibration import build_batch
+    from bonsai_prune.data.problems import load_gsm8k
+    from bonsai_prune.models import adapter_for
+
+    model = tiny_llama_for(tokenizer)  # 2 layers of 4 heads x 16 channels
+    adapter = adapter_for(model)
+    # scores and weighted sum over the causal half, per layer: 2 x 2 x 64 x L(L+1)/2
+    assert attention_flops(adapter, model, [3, 1]) == 2 * (2 * 2 * 64 * (6 + 1))
+    batch = build_batch(tokenizer, load_gsm8k("train")[:3])
+    lengths = batch.attention_mask.sum(1)
+    assert lengths.min() < batch.attention_mask.shape[1], "no padding to count"
+    fast = evaluation_flops(adapter, model, batch, padded=False)
+    reference = evaluation_flops(adapter, model, batch, padded=True)
+    params = adapter.count_parameters(model)
+    assert fast["body"] == 2 * params * int(lengths.sum())
+    assert fast["head"] == 2 * 64 * model.config.vocab_size * batch.n_target_tokens
+    assert reference["body"] == 2 * params * batch.attention_mask.numel()
+    assert reference["attention"] > fast["attention"] and reference["head"] > fast["head"]
+    keep = torch.ones(adapter.layout(model).n_units, dtype=torch.bool)
+    keep[0] = False  # one head of layer 0
+    adapter.slice(model, keep)
+    assert attention_flops(adapter, model, [3, 1]) == (2 * 2 * (48 + 64) * 7)

@@ -1,4 +1,4 @@
-"""The perplexity utility's fast path equals the full-logits computation it replaces."""
+"""The utilities' fast paths equal the computations they replace."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from conftest import tiny_llama
 from transformers import AutoTokenizer
 
 from bonsai_prune.bench import reference_perplexity
+from bonsai_prune.config import UtilityConfig
 from bonsai_prune.data.calibration import build_batch
 from bonsai_prune.data.problems import load_gsm8k
-from bonsai_prune.utility.base import solution_nll
+from bonsai_prune.models import adapter_for
+from bonsai_prune.utility import resolve_utility
+from bonsai_prune.utility.base import UTILITIES, solution_nll
 from bonsai_prune.utility.perplexity import PerplexityUtility
+from bonsai_prune.utility.references import prepare_self_references
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +41,29 @@ def test_perplexity_utility_is_negative_mean_nll(model_and_batch):
     assert PerplexityUtility()(model, batch) == pytest.approx(
         -float(solution_nll(model, batch).mean())
     )
+
+
+# --- contract: a utility that batches sub-models scores each as it would alone ---------------
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in UTILITIES.names() if hasattr(UTILITIES.get(n), "score_masks")]
+)
+def test_batched_sub_models_score_as_each_alone(model_and_batch, name):
+    """Every registered utility with ``score_masks`` (several sub-models per forward) gives
+    each sub-model the score its own masked call gives, on problems of different lengths."""
+    model, batch = model_and_batch
+    utility = resolve_utility(UtilityConfig(name=name, gen_tokens=6))
+    prepare_self_references(utility, model, batch.tokenizer, batch.problems)
+    adapter = adapter_for(model)
+    generator = torch.Generator().manual_seed(1)
+    masks = torch.rand(3, adapter.layout(model).n_units, generator=generator) > 0.4  # (3, U)
+    masks[0] = True  # the unmasked model among them
+
+    batched = utility.score_masks(model, batch, masks, lambda k: adapter.apply_masks(model, k))
+    alone = []
+    for keep in masks:
+        with adapter.apply_masks(model, keep):
+            alone.append(utility(model, batch))
+    assert len(set(round(v, 6) for v in alone)) == 3, "the masks did not change the utility"
+    assert batched == pytest.approx(alone, abs=1e-4)

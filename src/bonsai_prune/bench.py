@@ -43,10 +43,13 @@ class BenchConfig:
     calib_samples: int = 4
     decode_tokens: int = 32
     seed: int = 0
+    dtype: str = "auto"  # of the project's path; the reference loop is always fp32
 
     @classmethod
-    def make(cls, quick: bool, model: str = "default") -> BenchConfig:
-        return cls(quick, model) if quick else cls(False, model, 16, 8, 128)
+    def make(cls, quick: bool, model: str = "default", dtype: str = "auto") -> BenchConfig:
+        if quick:
+            return cls(quick, model, dtype=dtype)
+        return cls(False, model, 16, 8, 128, dtype=dtype)
 
 
 def matmul_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
@@ -113,6 +116,36 @@ def reference_u_dagger(model, batch, utility) -> float:
     return utility.score_generated(batch, generated, probs)
 
 
+def attention_flops(adapter, model, lengths: list[int]) -> int:
+    """FLOPs of causal attention (scores and weighted sum, the causal half only) over rows of
+    these lengths: the part of a forward that is not a matrix product with a weight."""
+    from bonsai_prune.models.adapter import HEADS
+
+    channels = sum(
+        linear.in_features  # heads x head_dim of the layer's o_proj
+        for (_, kind), (linear, _) in adapter.output_projections(model).items()
+        if kind == HEADS
+    )
+    return sum(2 * 2 * channels * length * (length + 1) // 2 for length in lengths)
+
+
+def evaluation_flops(adapter, model, batch, padded: bool) -> dict:
+    """FLOPs of one perplexity evaluation of ``batch``: the body's weights over every token,
+    attention, and the LM head over the scored tokens; ``padded``: the reference loop's work
+    (padded rows, the LM head at every position)."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    if padded:
+        lengths = [batch.attention_mask.shape[1]] * len(lengths)
+    tokens = sum(lengths)
+    head_tokens = tokens if padded else batch.n_target_tokens
+    hidden, vocab = model.config.hidden_size, model.config.vocab_size
+    return {
+        "body": 2 * adapter.count_parameters(model) * tokens,
+        "attention": attention_flops(adapter, model, lengths),
+        "head": 2 * hidden * vocab * head_tokens,
+    }
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -137,7 +170,7 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
     from bonsai_prune.utility import resolve_utility
     from bonsai_prune.utility.references import prepare_self_references
 
-    fast_model, tokenizer = load_model(config.model, dtype="auto")
+    fast_model, tokenizer = load_model(config.model, dtype=config.dtype)
     ref_model, _ = load_model(config.model, dtype="fp32")
     adapter = adapter_for(fast_model)
     layout = adapter.layout(fast_model)
@@ -189,13 +222,17 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
             "fast_s_per_eval": fast_s / len(masks),
         }
         if name == "perplexity":
-            tokens = int(batch.attention_mask.sum())  # chunks are cut to their longest row
-            params = adapter.count_parameters(fast_model)
-            hidden, vocab = fast_model.config.hidden_size, fast_model.config.vocab_size
-            flops = 2 * params * tokens + 2 * hidden * vocab * batch.n_target_tokens
-            figures[name]["model_gflops_per_s"] = flops * len(masks) / fast_s / 1e9
-            figures[name]["body_flops_per_eval"] = 2 * params * tokens
-            figures[name]["head_flops_per_eval"] = 2 * hidden * vocab * batch.n_target_tokens
+            # each problem's rows run unpadded; the reference pads and projects every position
+            flops = evaluation_flops(adapter, fast_model, batch, padded=False)
+            reference_flops = evaluation_flops(adapter, fast_model, batch, padded=True)
+            total = sum(flops.values())
+            figures[name]["model_gflops_per_s"] = total * len(masks) / fast_s / 1e9
+            figures[name]["body_flops_per_eval"] = flops["body"] + flops["attention"]
+            figures[name]["head_flops_per_eval"] = flops["head"]
+            figures[name]["attention_share_of_flops"] = flops["attention"] / total
+            # the speed-up that computing less gives at equal FLOP/s: the ceiling of a
+            # FLOP-bound evaluation against a reference running at the same efficiency
+            figures[name]["flop_ratio_vs_reference"] = sum(reference_flops.values()) / total
     figures["round_overhead"] = _round_overhead(
         adapter, fast_model, batch, generator, tokenizer, masks[0]
     )
@@ -342,7 +379,9 @@ def _speed_once(model, tokenizer, prompts: list[str], batch_size: int, decode_to
     }
 
 
-def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int = 5) -> dict:
+def measure_speed(
+    model_dirs: dict[str, str], decode_tokens: int, dtype: str = "auto", repeats: int = 5
+) -> dict:
     """Prefill and greedy decode speed of each model, batch 1 and 8, in ``repeats`` rounds that
     visit every model in turn (interleaved, so a busy machine slows all alike): per model and
     batch size the median figures, and under ``"rounds"`` every round's (for ratios per round)."""
@@ -350,7 +389,7 @@ def measure_speed(model_dirs: dict[str, str], decode_tokens: int, repeats: int =
 
     from bonsai_prune.models import load_model
 
-    loaded = {name: load_model(folder, dtype="auto") for name, folder in model_dirs.items()}
+    loaded = {name: load_model(folder, dtype=dtype) for name, folder in model_dirs.items()}
     prompts = _prompts(next(iter(loaded.values()))[1])
     samples: dict = {name: {1: [], 8: []} for name in loaded}
     for model, tokenizer in loaded.values():  # warm-up
@@ -396,11 +435,11 @@ def ratio_over_rounds(pruned: list[dict], dense: list[dict], key: str) -> dict:
     }
 
 
-def measure_memory(model_dir: str, decode_tokens: int) -> dict:
+def measure_memory(model_dir: str, decode_tokens: int, dtype: str = "auto") -> dict:
     """In a child process: load one model and generate, then report this process's own peak."""
     from bonsai_prune.models import load_model
 
-    model, tokenizer = load_model(model_dir, dtype="auto")
+    model, tokenizer = load_model(model_dir, dtype=dtype)
     _speed_once(model, tokenizer, _prompts(tokenizer), 8, decode_tokens)
     return {"peak_rss_bytes": peak_rss_bytes()}
 
@@ -443,12 +482,11 @@ def bench_slicing(config: BenchConfig, workdir: Path) -> dict:
         dirs[f"{int(sparsity * 100)}"] = save_model(
             workdir / f"sliced{int(sparsity * 100)}", model, tokenizer, adapter.structure(model)
         )
-    speed = run_child(
-        ["speed", json.dumps({k: str(v) for k, v in dirs.items()}), str(config.decode_tokens)]
-    )
+    folders = json.dumps({k: str(v) for k, v in dirs.items()})
+    speed = run_child(["speed", folders, str(config.decode_tokens), config.dtype])
     measured = {}
     for name, folder in dirs.items():
-        memory = run_child(["memory", str(folder), str(config.decode_tokens)])
+        memory = run_child(["memory", str(folder), str(config.decode_tokens), config.dtype])
         measured[name] = {**speed[name], **memory, "size_on_disk_bytes": _dir_bytes(folder)}
     out = {"models": measured}
     dense = measured["dense"]
@@ -477,13 +515,14 @@ def bench_pruning(config: BenchConfig, workdir: Path) -> dict:
     quick = {"masks_per_round": 4, "calib_samples": 2, "prune_fraction": 0.25}
     prune_config = {
         "model": config.model,
+        "dtype": config.dtype,
         "sparsity": 0.5,
         "utility": {"name": "comprehensive"},
         **(quick if config.quick else {}),
     }
     report = run_child(["prune", json.dumps(prune_config), str(workdir / "prune50")])
     prune_peak = report["peak_rss_bytes"]
-    inference_peak = run_child(["memory", config.model, str(config.decode_tokens)])[
+    inference_peak = run_child(["memory", config.model, str(config.decode_tokens), config.dtype])[
         "peak_rss_bytes"
     ]
     return {
@@ -543,7 +582,7 @@ def format_table(result: dict) -> str:
             "matmul GFLOP/s fp32 / bf16",
             f"{result['matmul_gflops']['fp32']:.0f} / {result['matmul_gflops']['bf16']:.1f}",
         ),
-        ("evaluation dtype (auto)", ev["fast_dtype"]),
+        ("evaluation dtype", ev["fast_dtype"]),
     ]
     for name in ("perplexity", "comprehensive"):
         e = ev[name]
@@ -605,9 +644,9 @@ def _ratio_text(value: float, spread: dict | None) -> str:
 def _child(argv: list[str]) -> None:
     """Entry point of the measuring child processes (their RSS is measured alone)."""
     if argv[0] == "speed":
-        print(json.dumps(measure_speed(json.loads(argv[1]), int(argv[2]))))
+        print(json.dumps(measure_speed(json.loads(argv[1]), int(argv[2]), argv[3])))
     elif argv[0] == "memory":
-        print(json.dumps(measure_memory(argv[1], int(argv[2]))))
+        print(json.dumps(measure_memory(argv[1], int(argv[2]), argv[3])))
     elif argv[0] == "prune":
         from bonsai_prune.api import prune
         from bonsai_prune.config import PruneConfig

@@ -21,6 +21,7 @@ from bonsai_prune.config import (
     WorkersConfig,
 )
 from bonsai_prune.errors import BonsaiPruneError
+from bonsai_prune.models.loading import DTYPES
 from bonsai_prune.validation import check_out_dir, check_out_file
 
 
@@ -93,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="small settings, minutes on 2 cores")
     p.add_argument("--model", default="default")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPES),
+        help="of the project's path (the reference loop is fp32): fp32 on a CPU with native "
+        "bf16 measures what a CPU without it would",
+    )
     p.add_argument("--out", default=None, help="write the figures as JSON")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=_cmd_bench)
@@ -248,7 +256,9 @@ def _cmd_bench(args) -> int:
 
     if args.out:
         check_out_file(args.out)
-    result = run_bench(BenchConfig.make(args.quick, args.model), progress=not args.quiet)
+    result = run_bench(
+        BenchConfig.make(args.quick, args.model, args.dtype), progress=not args.quiet
+    )
     if args.out:
         atomic_write_json(Path(args.out), result)
     print(format_table(result))

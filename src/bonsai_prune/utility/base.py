@@ -58,12 +58,16 @@ def solution_nll(model, batch: CalibrationBatch, rows_per_chunk: int = 4) -> tor
 
 @torch.no_grad()
 def row_nll(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, target_mask: torch.Tensor
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    target_mask: torch.Tensor,
 ) -> torch.Tensor:
     """Mean NLL (B,) of the tokens after the ``target_mask`` positions, one forward of all rows.
 
     Unlike ``solution_nll`` it keeps the rows together, so a keep mask of shape (B, U) applied
-    around it gives every row its own sub-model. NaN for a row without a target.
+    around it gives every row its own sub-model. NaN for a row without a target. Rows without
+    padding pass ``attention_mask=None``: attention then runs its plain causal kernel.
     """
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

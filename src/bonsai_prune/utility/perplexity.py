@@ -9,9 +9,12 @@ Paper: https://arxiv.org/abs/2402.05406
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+
+import torch
 
 from bonsai_prune.data.calibration import CalibrationBatch
-from bonsai_prune.utility.base import UTILITIES, solution_nll
+from bonsai_prune.utility.base import UTILITIES, row_nll, solution_nll
 
 
 @UTILITIES.register("perplexity")
@@ -25,3 +28,22 @@ class PerplexityUtility:
         nll = solution_nll(model, batch)  # (n,) NaN where nothing could be scored
         value = -float(nll.nanmean())
         return value if math.isfinite(value) else float("nan")
+
+    def score_masks(
+        self, model, batch: CalibrationBatch, masks: torch.Tensor, apply_masks: Callable
+    ) -> list[float]:
+        """-mean NLL of several sub-models (G, U), one forward per problem.
+
+        Row g of each forward is problem i under sub-model g: every row has the same length,
+        so no padding is computed, and one forward is G times as many tokens through the same
+        weights, a larger matrix product than one sub-model's chunk of problems.
+        """
+        groups, lengths = masks.shape[0], batch.attention_mask.sum(1)
+        nll = torch.empty(groups, len(lengths), dtype=torch.float32)
+        with apply_masks(masks):  # (G, U): row g runs sub-model g
+            for i, length in enumerate(lengths.tolist()):
+                ids = batch.input_ids[i : i + 1, :length].expand(groups, length)
+                target = batch.target_mask[i : i + 1, :length].expand(groups, length)
+                nll[:, i] = row_nll(model, ids, None, target).float().cpu()
+        values = (-nll.nanmean(dim=1)).tolist()
+        return [value if math.isfinite(value) else float("nan") for value in values]
