@@ -108,8 +108,13 @@ def _round_inputs(tokenizer):
     return model, adapter, batch, utility, masks
 
 
+PER_FORWARD = 2
+
+
 def _survive_a_death(tokenizer, workers: WorkersConfig, kill) -> None:
-    """Kill worker 0 after the first chunk; the round, and the next one, give the serial scores."""
+    """Kill worker 0 after the first chunk; the round, and the next one, give the serial scores.
+
+    Chunks of 2 sub-models: the 8 masks make 4 chunks, so the killed worker leaves some behind."""
     model, adapter, batch, utility, masks = _round_inputs(tokenizer)
     keeps: list[torch.Tensor] = []
     pool = open_pool(workers, model, keeps, utility, score_masks)
@@ -123,9 +128,9 @@ def _survive_a_death(tokenizer, workers: WorkersConfig, kill) -> None:
                 kill(pool.backend, victim)
 
         pool.on_chunk = on_chunk
-        expected = score_masks(adapter, model, utility, batch, masks, 8, False)
+        expected = score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False)
         assert torch.equal(
-            pool.score_masks(adapter, model, utility, batch, masks, 8, False), expected
+            pool.score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False), expected
         )
         assert pool.stats.n_deaths == 1 and pool.stats.n_rerun >= 1
         assert victim not in pool.backend.live()
@@ -137,9 +142,9 @@ def _survive_a_death(tokenizer, workers: WorkersConfig, kill) -> None:
         keeps.append(keep)
         masks = masks[:, keep]
         pool.on_chunk = None
-        expected = score_masks(adapter, model, utility, batch, masks, 8, False)
+        expected = score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False)
         assert torch.equal(
-            pool.score_masks(adapter, model, utility, batch, masks, 8, False), expected
+            pool.score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False), expected
         )
         assert pool.stats.n_restarts == 1 and len(pool.backend.live()) == 2
     finally:
@@ -231,3 +236,24 @@ def test_an_error_inside_a_worker_is_raised_not_re_run(tokenizer):
         assert pool.stats.n_deaths == 0 and pool.stats.n_rerun == 0
     finally:
         pool.close()
+
+
+def test_a_worker_gets_the_refitted_weights_once_per_slice_and_the_tokenizer_once():
+    from bonsai_prune.distributed.pool import RoundState, WorkerRecord
+
+    weights = {"0.heads": torch.ones(2, 2)}
+
+    def state(version: int, rounds: int) -> RoundState:
+        keeps = [torch.ones(3, dtype=torch.bool)] * rounds
+        return RoundState(version, keeps, {}, 0, None, "tokenizer", weights, rounds)
+
+    record = WorkerRecord()
+    first = record.outgoing(state(1, 0))
+    assert first.tokenizer == "tokenizer" and first.projections is weights
+    assert record.outgoing(state(1, 0)) is None  # the same round state: nothing to send
+    again = record.outgoing(state(2, 0))  # a second batch of sub-models, no slice between
+    assert again.tokenizer is None and again.projections is None and again.projections_for == 0
+    sliced = record.outgoing(state(3, 1))
+    assert sliced.projections is weights and sliced.tokenizer is None
+    restarted = WorkerRecord()  # a worker started again knows nothing
+    assert restarted.outgoing(state(3, 1)).projections is weights

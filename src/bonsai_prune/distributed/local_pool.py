@@ -12,10 +12,17 @@ import multiprocessing
 import os
 import pickle
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from bonsai_prune.distributed.pool import Died, Done, Replica, ReplicaSpec, RoundState
+from bonsai_prune.distributed.pool import (
+    Died,
+    Done,
+    Replica,
+    ReplicaSpec,
+    RoundState,
+    WorkerRecord,
+)
 from bonsai_prune.errors import PruningError
 
 WAIT_S = 1.0  # how often the driver looks at the workers' sentinels when nothing arrives
@@ -45,8 +52,7 @@ def _worker_main(conn: Connection, spec: ReplicaSpec, device: str, n_threads: in
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: Connection
-    version: int = -1  # round state last sent
-    has_tokenizer: bool = False
+    sent: WorkerRecord = field(default_factory=WorkerRecord)
 
 
 class LocalBackend:
@@ -92,10 +98,9 @@ class LocalBackend:
     def submit(self, worker: int, task: int, state: RoundState | None, job: tuple) -> None:
         record = self.workers[worker]
         try:
-            if state is not None and record.version != state.version:
-                sent = state if not record.has_tokenizer else replace(state, tokenizer=None)
+            sent = record.sent.outgoing(state)
+            if sent is not None:
                 record.conn.send_bytes(pickle.dumps(("state", sent)))
-                record.version, record.has_tokenizer = state.version, True
             record.conn.send_bytes(pickle.dumps(("job", task, job)))
         except (BrokenPipeError, ConnectionResetError, OSError):
             pass  # dead: wait() reports it through the sentinel, and its chunks are re-run

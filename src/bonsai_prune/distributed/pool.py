@@ -118,8 +118,34 @@ class RoundState:
     batch: CalibrationBatch  # without its tokenizer (sent once per worker)
     tokenizer: Any = None  # set only for a worker that has not received it yet
     # the driver's output-projection weights when compensation refitted them: a replica copies
-    # them rather than refit itself, whose forward may differ in the last bit
+    # them rather than refit itself, whose forward may differ in the last bit. They change only
+    # when a round slices, so they travel to a worker once per number of rounds applied
+    # (``projections_for``); a state without them tells a replica that already holds them.
     projections: dict[str, torch.Tensor] | None = None
+    projections_for: int | None = None  # len(keeps) they were taken at; None: not compensated
+
+
+@dataclass
+class WorkerRecord:
+    """What the driver has sent one worker, so that a state goes once and carries only what
+    the worker lacks (a restarted worker gets a fresh record, hence everything)."""
+
+    version: int = -1  # round state last sent
+    has_tokenizer: bool = False
+    projections_for: int | None = None  # rounds whose output-projection weights it holds
+
+    def outgoing(self, state: RoundState | None) -> RoundState | None:
+        """The state to send before this worker's next job (None: it is in sync)."""
+        if state is None or self.version == state.version:
+            return None
+        sent = state
+        if self.has_tokenizer:
+            sent = replace(sent, tokenizer=None)
+        if state.projections is not None and self.projections_for == state.projections_for:
+            sent = replace(sent, projections=None)
+        self.version, self.has_tokenizer = state.version, True
+        self.projections_for = state.projections_for
+        return sent
 
 
 def projection_weights(adapter, model) -> dict[str, torch.Tensor]:
@@ -151,6 +177,7 @@ class Replica:
         self.utility = spec.build_utility() if spec.build_utility is not None else None
         self.score_fn = spec.score
         self.n_applied = 0  # keep masks of rounds replayed so far
+        self.projections_for: int | None = None  # rounds of the driver's weights loaded
         self.tokenizer = None
         self.batch: CalibrationBatch | None = None
         self.version = -1
@@ -164,6 +191,9 @@ class Replica:
             self.n_applied += 1
         if state.projections is not None:
             load_projections(self.adapter, self.model, state.projections)
+            self.projections_for = state.projections_for
+        elif state.projections_for != self.projections_for:
+            raise PruningError("a worker lacks the driver's refitted weights (a bug)")
         if (
             self.adapter.count_parameters(self.model) != state.n_params
             or self.adapter.structure(self.model) != state.structure
@@ -346,6 +376,7 @@ class EvaluatorPool:
             batch_to(batch, "cpu", None),
             batch.tokenizer,
             projection_weights(adapter, model) if self.ship_projections else None,
+            len(self.keeps) if self.ship_projections else None,
         )
         bounds = chunk_bounds(masks.shape[0], group_size(utility, masks_per_forward))
         jobs = [("score", masks[a:b], masks_per_forward) for a, b in bounds]

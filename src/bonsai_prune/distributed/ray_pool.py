@@ -12,7 +12,7 @@ on the other actors. Ray is optional: ``pip install 'bonsai-prune[ray]'``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -22,6 +22,7 @@ from bonsai_prune.distributed.pool import (
     Replica,
     ReplicaSpec,
     RoundState,
+    WorkerRecord,
     model_from_bytes,
 )
 from bonsai_prune.errors import ConfigError, PruningError
@@ -55,8 +56,7 @@ class ReplicaActor:
 @dataclass
 class _Actor:
     handle: Any
-    version: int = -1
-    has_tokenizer: bool = False
+    sent: WorkerRecord = field(default_factory=WorkerRecord)
 
 
 def connect(address: str, ray=None) -> None:
@@ -124,10 +124,9 @@ class RayBackend:
 
     def submit(self, worker: int, task: int, state: RoundState | None, job: tuple) -> None:
         actor = self.actors[worker]
-        if state is not None and actor.version != state.version:
-            sent = state if not actor.has_tokenizer else replace(state, tokenizer=None)
+        sent = actor.sent.outgoing(state)
+        if sent is not None:
             actor.handle.sync.remote(sent)  # errors surface in the next job
-            actor.version, actor.has_tokenizer = state.version, True
         ref = actor.handle.run.remote(job)
         self.pending[ref] = (worker, task)
 
