@@ -137,5 +137,6 @@ def test_the_cli_turns_compensation_off_and_checks_the_sample_count():
     assert config_from_args(PruneConfig, parser.parse_args([])).compensate is True
     args = parser.parse_args(["--no-compensate"])
     assert config_from_args(PruneConfig, args).compensate is False
+    assert "ones wrote (default: on)" in " ".join(parser.format_help().split())
     with pytest.raises(ConfigError, match="compensate_samples must be an integer >= 1"):
         PruneConfig(compensate_samples=0)

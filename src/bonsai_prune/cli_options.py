@@ -89,6 +89,8 @@ def add_config_options(
         kind = _scalar_type(f.type)
         if kind is bool:  # a default of True is turned off with --no-<flag>
             action = argparse.BooleanOptionalAction if default else "store_true"
+            if default:
+                kwargs["help"] += " (default: on)"
             parser.add_argument(*flags, action=action, default=bool(default), **kwargs)
             continue
         if "parse" in meta:
