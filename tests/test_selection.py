@@ -292,3 +292,15 @@ def test_shared_group_cost_is_charged_to_the_last_unit_of_the_group():
 
 # Any selection on a real adapter frees exactly removed_params: the adapter contract table
 # (tests/test_adapter_contract.py) checks it for every family.
+
+
+@pytest.mark.parametrize(
+    ("sparsity", "fraction", "done", "left"),
+    [(0.5, 0.05, 0.0, 10), (0.5, 0.05, 0.25, 5), (0.3, 0.1, 0.0, 3), (0.3, 0.1, 0.296, 0), (0.35, 0.1, 0.0, 4)],
+)  # fmt: skip
+def test_rounds_left_counts_whole_rounds_to_the_target(sparsity, fraction, done, left):
+    from bonsai_prune.config import PruneConfig
+    from bonsai_prune.core.budget import rounds_left
+
+    config = PruneConfig(sparsity=sparsity, prune_fraction=fraction)
+    assert rounds_left(round(1000 * (1 - done)), 1000, config) == left

@@ -8,6 +8,8 @@ so the model still runs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from bonsai_prune.config import PruneConfig
@@ -30,6 +32,13 @@ def round_budget(
 
 def target_reached(n_params: int, n_original: int, config: PruneConfig) -> bool:
     return 1 - n_params / n_original >= config.sparsity - config.tolerance
+
+
+def rounds_left(n_params: int, n_original: int, config: PruneConfig) -> int:
+    """Rounds still needed at ``prune_fraction`` of the original parameters each (the last
+    may remove less): the total of the progress bar over rounds."""
+    missing = config.sparsity - config.tolerance - (1 - n_params / n_original)
+    return max(0, math.ceil(round(missing / config.prune_fraction, 9)))
 
 
 def prunable_mask(layout: UnitLayout, unit_kinds: str) -> torch.Tensor:

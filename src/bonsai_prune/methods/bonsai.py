@@ -28,6 +28,7 @@ from bonsai_prune.core.budget import (
     min_keep_per_module,
     prunable_mask,
     round_budget,
+    rounds_left,
     selection_costs,
     target_reached,
 )
@@ -305,7 +306,8 @@ def iterate_rounds(
 ) -> Iterator[RoundResult]:
     """Yield one RoundResult per round until the target sparsity is reached."""
     index = start
-    bar = tqdm(desc="rounds", disable=not progress, unit="round")
+    total = rounds_left(adapter.count_parameters(model), n_original, config)
+    bar = tqdm(desc="rounds", total=total, disable=not progress, unit="round")
     try:
         while not target_reached(adapter.count_parameters(model), n_original, config):
             result = run_round(

@@ -66,7 +66,8 @@ def refit_outputs(adapter, model, keep: torch.Tensor, compensation: Compensation
     for key, mask in thinned.items():
         linear, width = projections[key]
         kept = mask.repeat_interleave(width).to(linear.weight.device)
-        refitted = refit_kept_columns(linear.weight, grams[key], kept, compensation.damping)
+        gram = grams.pop(key)  # freed once used: the float64 copies exist one at a time
+        refitted = refit_kept_columns(linear.weight, gram, kept, compensation.damping)
         linear.weight.copy_(refitted)
     return len(thinned)
 
@@ -75,8 +76,9 @@ def refit_outputs(adapter, model, keep: torch.Tensor, compensation: Compensation
 def input_grams(
     model, targets: dict[tuple[int, str], torch.nn.Linear], compensation: Compensation
 ) -> dict[tuple[int, str], torch.Tensor]:
-    """key -> X^T X (C, C) float64 of the inputs of ``targets[key]`` over the real (unpadded)
-    tokens of the calibration text. Accumulated in float32 on the model's device."""
+    """key -> X^T X (C, C) of the inputs of ``targets[key]`` over the real (unpadded) tokens of
+    the calibration text, float32 on the model's device (the refit solves in float64, one
+    module at a time: all of them in float64 at once would triple the memory they take)."""
     grams: dict[tuple[int, str], torch.Tensor] = {}
     real = compensation.attention_mask.bool()  # (B, S)
     rows = slice(0, 0)
@@ -101,4 +103,4 @@ def input_grams(
     finally:
         for handle in handles:
             handle.remove()
-    return {key: gram.double() for key, gram in grams.items()}
+    return grams
