@@ -18,7 +18,7 @@ from bonsai_prune.errors import ConfigError, PruningError, RunDirectoryError
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.utility import generation as generation_module
 from bonsai_prune.utility import references
-from bonsai_prune.utility.base import answer_probability, solution_nll
+from bonsai_prune.utility.base import answer_probability, solution_nll, sub_model_nll
 from bonsai_prune.utility.comprehensive import ComprehensiveUtility
 from bonsai_prune.utility.generation import generate_greedy
 
@@ -219,7 +219,9 @@ def test_answer_probability_is_the_geometric_mean_of_the_answer_token_probabilit
         expected = math.exp(float(log_p[row, positions, nexts].mean()))
         assert float(probs[row]) == pytest.approx(expected, rel=1e-4)
         assert 0.0 < float(probs[row]) <= 1.0
-    assert answer_probability(model, batch, repeats=2).shape == (2 * len(problems),)
+    # several sub-models, one unpadded forward per problem: the same probabilities per row
+    nll = sub_model_nll(model, batch, 2, batch.answer_mask)  # (2, n), no masks: equal rows
+    assert torch.exp(-nll) == pytest.approx(probs[None].expand(2, -1), rel=1e-4)
 
 
 def test_a_prompt_that_fills_max_length_keeps_its_solution_and_never_scores_zero(

@@ -80,16 +80,33 @@ def row_nll(
     return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
 
 
-def answer_probability(model, batch: CalibrationBatch, repeats: int = 1) -> torch.Tensor:
-    """Probability of the gold final answer after the question and the gold reasoning.
+@torch.no_grad()
+def sub_model_nll(
+    model, batch: CalibrationBatch, groups: int, target_mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean NLL (G, n) of the tokens after the ``target_mask`` (n, L) positions of each problem
+    under each of G sub-models, whose keep masks (G, U) the caller applies around the call.
+
+    One forward per problem, row g running sub-model g: every row of a forward has the
+    problem's length, so no padding is computed, and G rows through the same weights make a
+    larger matrix product than one sub-model's problems would. Right padding assumed.
+    """
+    lengths = batch.attention_mask.sum(1).tolist()
+    nll = torch.empty(groups, len(lengths), dtype=torch.float32)
+    for i, length in enumerate(lengths):
+        ids = batch.input_ids[i : i + 1, :length].expand(groups, length)
+        target = target_mask[i : i + 1, :length].expand(groups, length)
+        nll[:, i] = row_nll(model, ids, None, target).float().cpu()
+    return nll
+
+
+def answer_probability(model, batch: CalibrationBatch) -> torch.Tensor:
+    """Probability (n,) of the gold final answer after the question and the gold reasoning.
 
     Teacher forced: the model reads prompt + reference solution and is scored on the tokens of
     the answer after '####', as the geometric mean of their probabilities (exp of minus the mean
-    NLL), so the value lies in [0, 1] whatever the answer's length. Returns (repeats * n,):
-    the batch repeated ``repeats`` times (row i of copy g for sub-model g under a (G*n, U)
-    keep mask); NaN where the answer did not fit in ``max_length``.
+    NLL), so the value lies in [0, 1] whatever the answer's length; NaN where the answer did not
+    fit in ``max_length``. Several sub-models at once: :func:`sub_model_nll` on
+    ``batch.answer_mask``.
     """
-    ids = batch.input_ids.repeat(repeats, 1)  # (G*n, L)
-    attention = batch.attention_mask.repeat(repeats, 1)
-    answer = batch.answer_mask.repeat(repeats, 1)
-    return torch.exp(-row_nll(model, ids, attention, answer))
+    return torch.exp(-row_nll(model, batch.input_ids, batch.attention_mask, batch.answer_mask))

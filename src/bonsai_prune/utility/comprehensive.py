@@ -24,7 +24,7 @@ import torch
 
 from bonsai_prune.config import UtilityConfig
 from bonsai_prune.data.calibration import CalibrationBatch
-from bonsai_prune.utility.base import UTILITIES, answer_probability
+from bonsai_prune.utility.base import UTILITIES, answer_probability, sub_model_nll
 from bonsai_prune.utility.combine import score_texts
 from bonsai_prune.utility.generation import Generated, generate_greedy
 from bonsai_prune.utility.references import gold_texts, prefix_text, self_reference_texts
@@ -74,9 +74,11 @@ class ComprehensiveUtility:
         n, groups = len(batch.problems), masks.shape[0]
         with apply_masks(masks.repeat_interleave(n, dim=0)):  # (G*n, U): row i uses mask i // n
             generated = self._generate(model, batch, groups)
-            probs = None
-            if self.config.weights["prob"] > 0:
-                probs = answer_probability(model, batch, repeats=groups)  # (G*n,)
+        probs = None
+        if self.config.weights["prob"] > 0:
+            with apply_masks(masks):  # teacher forced, one unpadded forward per problem
+                nll = sub_model_nll(model, batch, groups, batch.answer_mask)  # (G, n)
+            probs = torch.exp(-nll).flatten()  # (G*n,): row g * n + i, as generated
         scores = []
         for g in range(groups):
             rows = slice(g * n, (g + 1) * n)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from bonsai_prune.data.calibration import CalibrationBatch
-from bonsai_prune.utility.base import UTILITIES, row_nll, solution_nll
+from bonsai_prune.utility.base import UTILITIES, solution_nll, sub_model_nll
 
 
 @UTILITIES.register("perplexity")
@@ -32,18 +32,8 @@ class PerplexityUtility:
     def score_masks(
         self, model, batch: CalibrationBatch, masks: torch.Tensor, apply_masks: Callable
     ) -> list[float]:
-        """-mean NLL of several sub-models (G, U), one forward per problem.
-
-        Row g of each forward is problem i under sub-model g: every row has the same length,
-        so no padding is computed, and one forward is G times as many tokens through the same
-        weights, a larger matrix product than one sub-model's chunk of problems.
-        """
-        groups, lengths = masks.shape[0], batch.attention_mask.sum(1)
-        nll = torch.empty(groups, len(lengths), dtype=torch.float32)
+        """-mean NLL of several sub-models (G, U), one unpadded forward per problem."""
         with apply_masks(masks):  # (G, U): row g runs sub-model g
-            for i, length in enumerate(lengths.tolist()):
-                ids = batch.input_ids[i : i + 1, :length].expand(groups, length)
-                target = batch.target_mask[i : i + 1, :length].expand(groups, length)
-                nll[:, i] = row_nll(model, ids, None, target).float().cpu()
+            nll = sub_model_nll(model, batch, masks.shape[0], batch.target_mask)  # (G, n)
         values = (-nll.nanmean(dim=1)).tolist()
         return [value if math.isfinite(value) else float("nan") for value in values]
