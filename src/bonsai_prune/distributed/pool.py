@@ -348,6 +348,7 @@ class EvaluatorPool:
         self.backend = backend
         self.keeps = keeps
         self.ship_projections = ship_projections  # compensation: send refitted weights
+        self._shipped: tuple[dict[str, torch.Tensor], int] | None = None
         self.stats = PoolStats(n_workers)
         self.max_restarts = n_workers if max_restarts is None else max_restarts
         self.version = 0
@@ -375,8 +376,7 @@ class EvaluatorPool:
             adapter.count_parameters(model),
             batch_to(batch, "cpu", None),
             batch.tokenizer,
-            projection_weights(adapter, model) if self.ship_projections else None,
-            len(self.keeps) if self.ship_projections else None,
+            *self._projections(adapter, model),
         )
         bounds = chunk_bounds(masks.shape[0], group_size(utility, masks_per_forward))
         jobs = [("score", masks[a:b], masks_per_forward) for a, b in bounds]
@@ -384,6 +384,15 @@ class EvaluatorPool:
         results = self.run(jobs, state, sizes, "  sub-models", progress)
         self.stats.seconds.append(time.perf_counter() - started)
         return torch.cat(results) if results else torch.empty(0, dtype=torch.float64)
+
+    def _projections(self, adapter, model) -> tuple[dict[str, torch.Tensor] | None, int | None]:
+        """(weights, rounds they follow) of the driver's output projections when the run
+        compensates, read again only after a slice (they change with nothing else)."""
+        if not self.ship_projections:
+            return None, None
+        if self._shipped is None or self._shipped[1] != len(self.keeps):
+            self._shipped = (projection_weights(adapter, model), len(self.keeps))
+        return self._shipped
 
     def map(
         self, fn: Callable, args: list[tuple], sizes: list[int], desc: str, progress: bool = True
