@@ -140,3 +140,24 @@ def test_the_cli_turns_compensation_off_and_checks_the_sample_count():
     assert "ones wrote (default: on)" in " ".join(parser.format_help().split())
     with pytest.raises(ConfigError, match="compensate_samples must be an integer >= 1"):
         PruneConfig(compensate_samples=0)
+
+
+@pytest.mark.parametrize("width", [1, 4])
+def test_removal_error_is_what_the_refit_leaves_of_each_unit_removed_alone(width):
+    from bonsai_prune.core.compensation import refit_kept_columns, removal_errors
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 12, generator=generator, dtype=torch.float64)  # (tokens, channels)
+    x[:, 5] += 0.8 * x[:, 2]  # correlated channels: a refit can make up for some of a removal
+    weight = torch.randn(6, 12, generator=generator, dtype=torch.float64)
+    gram = x.T @ x
+    errors = removal_errors(weight, gram, width, damping=0.0)
+    assert errors.shape == (12 // width,)
+    for unit in range(12 // width):
+        kept = torch.ones(12, dtype=torch.bool)
+        kept[unit * width : (unit + 1) * width] = False
+        refitted = refit_kept_columns(weight, gram, kept, damping=0.0)
+        left = x[:, kept] @ refitted[:, kept].T - x @ weight.T
+        assert float(errors[unit]) == pytest.approx(float(left.pow(2).sum()), rel=1e-6)
+        plain = (x[:, ~kept] @ weight[:, ~kept].T).pow(2).sum()  # removed without a refit
+        assert float(errors[unit]) <= float(plain) + 1e-9

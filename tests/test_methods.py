@@ -200,3 +200,33 @@ def test_empty_attention_survives_save_and_reload(tmp_path, tokenizer):
     ids = torch.randint(3, 1000, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_obs_scores_a_neuron_another_duplicates_as_nearly_free_to_remove(tokenizer):
+    """Two identical neurons: either can go, the other's refitted column writes for both.
+    The share of a neuron's plain removal error that the refit cannot make up is smallest for
+    them (a random tiny model's neurons are correlated, so others are partly made up too)."""
+    from bonsai_prune.data.calibration import build_batch
+    from bonsai_prune.data.problems import load_gsm8k
+    from bonsai_prune.methods.obs import obs_errors
+    from bonsai_prune.models.compensation import Compensation, input_grams
+
+    model = tiny_model(tokenizer)
+    mlp = model.model.layers[0].mlp
+    with torch.no_grad():
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[1] = proj.weight[0]  # neuron 1 = neuron 0
+    adapter = adapter_for(model)
+    batch = build_batch(tokenizer, load_gsm8k("train")[:2])
+    text = Compensation(batch.input_ids, batch.attention_mask)
+    errors = obs_errors(adapter, model, text)
+    layout = adapter.layout(model)
+    assert errors.shape == (layout.n_units,) and bool((errors >= 0).all())
+    neurons = next(m for m in layout.modules if m.layer == 0 and m.kind == NEURONS)
+    with torch.no_grad():
+        gram = input_grams(model, {(0, NEURONS): mlp.down_proj}, text)[(0, NEURONS)].double()
+    plain = gram.diagonal() * mlp.down_proj.weight.detach().double().pow(2).sum(0)  # no refit
+    kept_share = errors[neurons.units] / plain  # (96,) what the refit cannot make up
+    # the duplicates are the most replaceable neurons of the module, by far
+    assert float(kept_share[:2].max()) < min(0.05, float(kept_share[2:].min()))
+    assert float(kept_share[:2].max()) < 0.25 * float(kept_share[2:].median())
