@@ -50,7 +50,7 @@ BAD_GRIDS = {
     "unknown method": (
         grid({"name": "w", "method": "wandda"}),
         "cells[0] (w): unknown method 'wandda'; choose one of: "
-        "bonsai, finercut, magnitude, random, wanda",
+        "bonsai, finercut, magnitude, obs, random, wanda",
     ),
     "unknown utility": (
         grid({"method": "bonsai", "utility": {"name": "perplexty"}}),

@@ -104,12 +104,13 @@ def test_a_run_saved_before_a_setting_existed_reads_as_what_it_ran(tmp_path, cap
 
 
 def _nan_when_last_head_is_masked(model):
-    """A broken sub-model: removing head 3 of layer 0 turns the logits into NaN."""
+    """A broken sub-model: removing head 3 of layer 0 turns its rows' logits into NaN."""
     attn = model.model.layers[0].self_attn
 
-    def hook(module, args, output):
-        head = args[0][..., 3 * attn.head_dim : 4 * attn.head_dim]
-        return output * math.nan if bool((head == 0).all()) else output
+    def hook(module, args, output):  # per row: a batch may hold several sub-models
+        head = args[0][..., 3 * attn.head_dim : 4 * attn.head_dim]  # (B, S, head_dim)
+        broken = (head == 0).flatten(1).all(1)  # (B,) rows whose sub-model lacks head 3
+        return torch.where(broken[:, None, None], output * math.nan, output)
 
     return attn.o_proj.register_forward_hook(hook)
 
