@@ -161,3 +161,66 @@ def test_removal_error_is_what_the_refit_leaves_of_each_unit_removed_alone(width
         assert float(errors[unit]) == pytest.approx(float(left.pow(2).sum()), rel=1e-6)
         plain = (x[:, ~kept] @ weight[:, ~kept].T).pow(2).sum()  # removed without a refit
         assert float(errors[unit]) <= float(plain) + 1e-9
+
+
+def test_gram_chunks_take_whole_layers_deepest_first_within_the_budget(tokenizer):
+    from conftest import tiny_llama_for
+
+    from bonsai_prune.models import adapter_for
+    from bonsai_prune.models.compensation import gram_chunks
+
+    model = tiny_llama_for(tokenizer, layers=4)
+    targets = {
+        key: linear for key, (linear, _) in adapter_for(model).output_projections(model).items()
+    }
+    layer_bytes = {layer: 0 for layer, _ in targets}
+    for (layer, _), linear in targets.items():
+        layer_bytes[layer] += 4 * linear.in_features**2
+    budget = 2 * max(layer_bytes.values())
+    chunks = gram_chunks(targets, budget)
+    assert sorted(key for chunk in chunks for key in chunk) == sorted(targets)
+    firsts = [min(layer for layer, _ in chunk) for chunk in chunks]
+    assert firsts == sorted(firsts, reverse=True) and len(chunks) == 2  # deepest first
+    for chunk in chunks:
+        layers = {layer for layer, _ in chunk}
+        assert sum(layer_bytes[layer] for layer in layers) <= budget
+        assert all((layer, kind) in chunk for layer in layers for _, kind in targets)
+    assert len(gram_chunks(targets, 1)) == 4  # a budget below one layer: a layer per chunk
+    assert len(gram_chunks(targets, 10**12)) == 1
+
+
+def test_chunked_grams_and_refits_equal_the_single_pass_ones(tokenizer, monkeypatch):
+    from conftest import tiny_llama_for
+
+    from bonsai_prune.models import adapter_for
+    from bonsai_prune.models.compensation import (
+        Compensation,
+        chunked_input_grams,
+        input_grams,
+        refit_outputs,
+    )
+
+    model = tiny_llama_for(tokenizer, layers=3)
+    adapter = adapter_for(model)
+    targets = {key: linear for key, (linear, _) in adapter.output_projections(model).items()}
+    ids = torch.randint(3, 1000, (3, 12))
+    mask = torch.ones(3, 12)
+    mask[0, :4] = 0  # padding stays out of the Gram matrices
+    text = Compensation(ids, mask)
+    whole = input_grams(model, targets, text)
+    chunks = list(chunked_input_grams(model, targets, text, budget_bytes=1))
+    assert len(chunks) == 3 and [min(c)[0] for c in chunks] == [2, 1, 0]
+    for chunk in chunks:
+        for key, gram in chunk.items():
+            assert torch.equal(gram, whole[key]), key
+
+    keep = torch.ones(adapter.layout(model).n_units, dtype=torch.bool)
+    keep[torch.randperm(keep.numel(), generator=torch.Generator().manual_seed(0))[:40]] = False
+    refitted = {}
+    for budget in (1, 10**12):  # a layer per chunk, then every layer in one pass
+        copy = tiny_llama_for(tokenizer, layers=3)
+        monkeypatch.setattr("bonsai_prune.models.compensation.GRAM_BYTES", budget)
+        assert refit_outputs(adapter, copy, keep, text) > 0
+        refitted[budget] = copy.state_dict()
+    for name, weight in refitted[1].items():
+        assert torch.equal(weight, refitted[10**12][name]), name

@@ -67,8 +67,9 @@ def matmul_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
 
 
 @torch.no_grad()
-def reference_perplexity(model, batch) -> float:
-    """-mean NLL of solution tokens, the original way: full-vocabulary logits at every position."""
+def reference_perplexity(model, batch, utility=None) -> float:
+    """-mean NLL of solution tokens, the original way: full-vocabulary logits at every position.
+    ``utility`` is unused: every reference scorer takes ``(model, batch, utility)``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
     labels = torch.roll(batch.input_ids, -1, dims=1)
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
@@ -146,10 +147,6 @@ def evaluation_flops(adapter, model, batch, padded: bool) -> dict:
     }
 
 
-def _reference(score, model, batch, utility) -> float:
-    return score(model, batch) if score is reference_perplexity else score(model, batch, utility)
-
-
 def spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -200,7 +197,7 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
         # warm-up of both paths on the shapes they will time: kernels, the embedding model
         score_masks(adapter, fast_model, utility, batch, masks[:per_forward], per_forward, False)
         with adapter.apply_masks(ref_model, masks[0]):
-            _reference(reference_score, ref_model, batch, utility)
+            reference_score(ref_model, batch, utility)
         fast, reference, fast_s, reference_s = [], [], 0.0, 0.0
         # Alternate the two paths group by group, so load from other jobs hits both alike.
         for start in range(0, len(masks), per_forward):
@@ -215,7 +212,7 @@ def bench_evaluation(config: BenchConfig, progress: bool) -> dict:
             for keep in group:
                 with adapter.apply_masks(ref_model, keep):
                     value, seconds = _timed(
-                        lambda f=reference_score, u=utility: _reference(f, ref_model, batch, u)
+                        lambda f=reference_score, u=utility: f(ref_model, batch, u)
                     )
                 reference.append(value)
                 reference_s += seconds

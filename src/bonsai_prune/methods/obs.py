@@ -25,7 +25,7 @@ from bonsai_prune.methods.base import (
     refuse_resume,
     relative_importance,
 )
-from bonsai_prune.models.compensation import DAMPING, Compensation, input_grams
+from bonsai_prune.models.compensation import DAMPING, Compensation, chunked_input_grams
 
 
 @torch.no_grad()
@@ -33,16 +33,18 @@ def obs_errors(adapter, model, text: Compensation) -> torch.Tensor:
     """Removal error (U,) of every unit alone, in the layout's unit order (0 where a module
     is empty: nothing to remove)."""
     projections = adapter.output_projections(model)
-    grams = input_grams(model, {key: linear for key, (linear, _) in projections.items()}, text)
-    errors = []
-    for module in adapter.layout(model).modules:
-        key = (module.layer, module.kind)
-        if module.n_units == 0 or key not in projections:
-            errors.append(torch.zeros(module.n_units, dtype=torch.float64))
-            continue
-        linear, width = projections[key]
-        errors.append(removal_errors(linear.weight, grams.pop(key), width, DAMPING).cpu())
-    return torch.cat(errors)
+    modules = adapter.layout(model).modules
+    live = {(m.layer, m.kind) for m in modules if m.n_units} & projections.keys()
+    errors = {}
+    targets = {key: projections[key][0] for key in live}
+    for grams in chunked_input_grams(model, targets, text):  # a few layers' Grams at a time
+        for key in list(grams):
+            linear, width = projections[key]
+            errors[key] = removal_errors(linear.weight, grams.pop(key), width, DAMPING).cpu()
+    zeros = [torch.zeros(m.n_units, dtype=torch.float64) for m in modules]
+    return torch.cat(
+        [errors.get((m.layer, m.kind), z) for m, z in zip(modules, zeros, strict=True)]
+    )
 
 
 @METHODS.register("obs")

@@ -32,8 +32,8 @@ class PerplexityUtility:
     def score_masks(
         self, model, batch: CalibrationBatch, masks: torch.Tensor, apply_masks: Callable
     ) -> list[float]:
-        """-mean NLL of several sub-models (G, U), one unpadded forward per problem."""
+        """-mean NLL of several sub-models (G, U), one unpadded forward per problem; a
+        non-finite value is left for ``methods.forward.score_masks`` to turn into NaN."""
         with apply_masks(masks):  # (G, U): row g runs sub-model g
             nll = sub_model_nll(model, batch, masks.shape[0], batch.target_mask)  # (G, n)
-        values = (-nll.nanmean(dim=1)).tolist()
-        return [value if math.isfinite(value) else float("nan") for value in values]
+        return (-nll.nanmean(dim=1)).tolist()
