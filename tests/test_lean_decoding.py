@@ -107,6 +107,23 @@ def test_fused_weights_follow_training_and_slicing():
         assert not torch.equal(lean_greedy(model, ids, mask), before)
 
 
+def test_slicing_frees_the_fused_copy_and_the_next_call_rebuilds_it():
+    """The fused Q/K/V and gate/up copy does not outlive the weights it was built from."""
+    from bonsai_prune.models import decoding
+    from bonsai_prune.models.compensation import slice_units
+
+    model = build("llama")
+    adapter = adapter_for(model)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        lean_greedy(model, ids, mask)
+        assert model in decoding._FUSED
+        slice_units(adapter, model, uneven_keep(model), None)
+        assert model not in decoding._FUSED
+        assert torch.equal(lean_greedy(model, ids, mask), hf_greedy(model, ids, mask))
+        assert model in decoding._FUSED
+
+
 def test_stop_ends_rows_as_transformers_and_pads_them():
     from transformers import StoppingCriteria, StoppingCriteriaList
 

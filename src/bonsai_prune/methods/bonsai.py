@@ -42,6 +42,7 @@ from bonsai_prune.errors import PruningError, RunDirectoryError
 from bonsai_prune.methods.base import METHODS, MethodResult, PruneContext
 from bonsai_prune.methods.forward import score_masks, unit_prior
 from bonsai_prune.models.compensation import Compensation, refit_outputs, slice_units
+from bonsai_prune.models.decoding import release_fused
 from bonsai_prune.utility.validity import (
     UtilityWarning,
     measure_validity,
@@ -258,6 +259,7 @@ def run_round(
             f"round {index} could not remove any unit within its budget of {budget:.0f} "
             "parameters; raise --prune-frac or --tolerance"
         )
+    release_fused(model)  # the sub-models' generation is over; the weights are about to change
     if compensation is not None:
         refit_outputs(adapter, model, selection.keep, compensation)
         lap("compensation")

@@ -23,6 +23,7 @@ import torch
 
 from bonsai_prune.core.compensation import refit_kept_columns
 from bonsai_prune.models.adapter import HEADS
+from bonsai_prune.models.decoding import release_fused
 
 DAMPING = 0.01  # ridge, as a fraction of the mean diagonal of the kept channels' Gram matrix
 ROWS_PER_FORWARD = 8  # calibration rows per forward while recording Gram matrices
@@ -46,6 +47,7 @@ class Compensation:
 def slice_units(adapter, model, keep: torch.Tensor, compensation: Compensation | None) -> None:
     """Remove the units where ``keep`` (U,) is False, in place; with ``compensation``, refit
     the partly kept modules' output projections first. Every method slices through here."""
+    release_fused(model)
     if compensation is not None:
         refit_outputs(adapter, model, keep, compensation)
     adapter.slice(model, keep)

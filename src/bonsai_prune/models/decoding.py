@@ -148,9 +148,17 @@ def _layers_for(model) -> list[_Layer]:
     signature = tuple((p.data_ptr(), p._version, tuple(p.shape)) for p in model.parameters())
     cached = _FUSED.get(model)
     if cached is None or cached[0] != signature:
+        release_fused(model)  # the stale copy goes before the new one is built
         cached = (signature, _build_layers(model))
         _FUSED[model] = cached
     return cached[1]
+
+
+def release_fused(model) -> None:
+    """Free ``model``'s fused decode weights (a copy of its Q/K/V and gate/up projections,
+    rebuilt by the next generation). Code about to change the weights calls it: the stale copy
+    would otherwise stay alive until then, beside what the change itself allocates."""
+    _FUSED.pop(model, None)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
