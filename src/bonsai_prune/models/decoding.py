@@ -186,6 +186,23 @@ class _Decoder:
                 self.k[index][:, :, :width] = layer.keys
                 self.v[index][:, :, :width] = layer.values
 
+    def load_rows(self, rows, cache, length: int, width: int) -> None:
+        """Copy the first ``length`` slots of a cache whose rows are ``rows`` of this batch into
+        slots ``width - length .. width - 1`` (a left-padded prompt of ``width``): a prompt's
+        K/V taken from a longer forward over prompt + continuation (causal attention: the
+        prompt's K/V do not depend on what follows)."""
+        pad = width - length
+        self.valid[rows, :pad] = False
+        self.valid[rows, pad:width] = True
+        for index, spec in enumerate(self.layers):
+            if spec.qkv is not None:
+                layer = cache.layers[index]
+                for buffer, values in ((self.k[index], layer.keys), (self.v[index], layer.values)):
+                    # padding slots are masked out, but an uninitialised NaN times a zero
+                    # attention weight is still NaN: they must hold numbers
+                    buffer[rows, :, :pad] = 0
+                    buffer[rows, :, pad:width] = values[:, :, :length]
+
     def step(self, tokens: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
         """Logits (B, vocab) of the next token after ``tokens`` (B,) at ``positions`` (B,),
         whose K/V go to ``slot``."""
@@ -253,6 +270,13 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def prefill_decoder(model, batch: int, capacity: int) -> _Decoder:
+    """Empty K/V buffers for ``batch`` rows and ``capacity`` slots, for a caller that fills
+    the prompts' K/V itself (``_Decoder.load_rows``) and then calls :func:`greedy_decode` with
+    ``prefilled``."""
+    return _Decoder(model, _layers_for(model), batch, capacity)
+
+
 @torch.no_grad()
 def greedy_decode(
     model,
@@ -262,30 +286,23 @@ def greedy_decode(
     *,
     pad_token_id: int,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prefilled: tuple[_Decoder, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded prompts, as transformers' ``generate`` gives it.
 
     input_ids, attention_mask: (B, P). stop(sequences (B, P + t)) -> (B,) bool marks rows that
     have ended (their later tokens are ``pad_token_id``); decoding ends when every row has or
     after ``max_new_tokens``. None: never stop early (a speed measurement). Returns (B, P + T).
+    prefilled: (decoder holding the prompts' K/V, logits (B, V) after each prompt's last
+    token), from a caller that already ran the prompts; None: prefill here.
     Call :func:`why_not_lean` first: this function assumes the model qualifies.
     """
-    from transformers import DynamicCache
-
     b, width = input_ids.shape
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
-    cache = DynamicCache()  # full layers: the buffers hold every slot, windows are masks
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_keyword(model): cache},
-    ).logits[:, -1]
-    decoder = _Decoder(model, _layers_for(model), b, width + max_new_tokens)
-    decoder.load(cache, attention_mask)
-    del cache
+    if prefilled is None:
+        decoder, logits = _prefill(model, input_ids, attention_mask, positions, max_new_tokens)
+    else:
+        decoder, logits = prefilled
     sequences = torch.full((b, width + max_new_tokens), pad_token_id, dtype=input_ids.dtype)
     sequences[:, :width] = input_ids
     running = torch.ones(b, dtype=torch.bool)
@@ -300,3 +317,22 @@ def greedy_decode(
         if step + 1 < max_new_tokens:
             logits = decoder.step(tokens, next_position + step, width + step)
     return sequences
+
+
+def _prefill(model, input_ids, attention_mask, positions, max_new_tokens: int):
+    """transformers' forward over the prompts, its K/V copied into a decoder's buffers."""
+    from transformers import DynamicCache
+
+    b, width = input_ids.shape
+    cache = DynamicCache()  # full layers: the buffers hold every slot, windows are masks
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_keyword(model): cache},
+    ).logits[:, -1]
+    decoder = _Decoder(model, _layers_for(model), b, width + max_new_tokens)
+    decoder.load(cache, attention_mask)
+    return decoder, logits

@@ -69,8 +69,15 @@ def row_nll(
     around it gives every row its own sub-model. NaN for a row without a target. Rows without
     padding pass ``attention_mask=None``: attention then runs its plain causal kernel.
     """
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+    return _target_nll(
+        model.get_output_embeddings(), hidden.last_hidden_state, input_ids, target_mask
+    )
+
+
+def _target_nll(head, hidden, input_ids, target_mask) -> torch.Tensor:
+    """Mean NLL (B,) of the tokens after the ``target_mask`` positions, from the last hidden
+    states (B, L, H): the LM head only where a token is scored."""
     logits = head(hidden[target_mask]).float()  # (n_scored, V)
     labels = torch.roll(input_ids, shifts=-1, dims=1)[target_mask]  # (n_scored,)
     token_nll = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -98,6 +105,56 @@ def sub_model_nll(
         target = target_mask[i : i + 1, :length].expand(groups, length)
         nll[:, i] = row_nll(model, ids, None, target).float().cpu()
     return nll
+
+
+def prompt_lengths(batch: CalibrationBatch) -> list[int] | None:
+    """Each problem's prompt length, when every teacher-forced row (``input_ids``) starts with
+    its whole prompt (``prompt_ids``); None where one does not (a long prompt's start is cut to
+    fit ``max_length``)."""
+    width = batch.prompt_ids.shape[1]
+    lengths = batch.prompt_attention_mask.sum(1).tolist()
+    for i, length in enumerate(lengths):
+        prompt = batch.prompt_ids[i, width - length :]
+        if length > batch.input_ids.shape[1] or not torch.equal(
+            batch.input_ids[i, :length], prompt
+        ):
+            return None
+    return lengths
+
+
+@torch.no_grad()
+def sub_model_nll_and_prompts(
+    model, batch: CalibrationBatch, groups: int, target_mask: torch.Tensor, decoder, prompts
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sub_model_nll`, whose forwards also fill the lean ``decoder``
+    (``models.decoding.prefill_decoder``) with every prompt's K/V, at rows g * n + i as
+    generation lays them out (prompts repeated per sub-model); returns the NLL (G, n) and the
+    logits (G * n, V) after each prompt. The teacher-forced rows begin with the prompts
+    (``prompts``: their lengths, :func:`prompt_lengths`) and attention is causal, so the
+    prompts' K/V are those a prefill would compute: U† runs each prompt once, not twice.
+    """
+    from transformers import DynamicCache
+
+    from bonsai_prune.models.decoding import cache_keyword
+
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    keyword = cache_keyword(body)
+    lengths = batch.attention_mask.sum(1).tolist()
+    n, width = len(lengths), batch.prompt_ids.shape[1]
+    nll = torch.empty(groups, n, dtype=torch.float32)
+    logits: list[torch.Tensor] = [torch.empty(0)] * (groups * n)
+    for i, (length, prompt) in enumerate(zip(lengths, prompts, strict=True)):
+        ids = batch.input_ids[i : i + 1, :length].expand(groups, length)
+        target = target_mask[i : i + 1, :length].expand(groups, length)
+        cache = DynamicCache()
+        hidden = body(input_ids=ids, use_cache=True, **{keyword: cache}).last_hidden_state
+        nll[:, i] = _target_nll(head, hidden, ids, target).float().cpu()
+        after_prompt = head(hidden[:, prompt - 1])  # (G, V)
+        for g in range(groups):
+            logits[g * n + i] = after_prompt[g]
+        decoder.load_rows(slice(i, None, n), cache, prompt, width)
+        del cache
+    return nll, torch.stack(logits)
 
 
 def answer_probability(model, batch: CalibrationBatch) -> torch.Tensor:

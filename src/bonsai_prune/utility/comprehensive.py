@@ -19,12 +19,19 @@ rule, SQuAD token F1, 20 tokens against the reference's 20-token prefix, no answ
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
 from bonsai_prune.config import UtilityConfig
 from bonsai_prune.data.calibration import CalibrationBatch
-from bonsai_prune.utility.base import UTILITIES, answer_probability, sub_model_nll
+from bonsai_prune.models.decoding import prefill_decoder, why_not_lean
+from bonsai_prune.utility.base import (
+    UTILITIES,
+    prompt_lengths,
+    sub_model_nll,
+    sub_model_nll_and_prompts,
+)
 from bonsai_prune.utility.combine import score_texts
 from bonsai_prune.utility.generation import Generated, generate_greedy
 from bonsai_prune.utility.references import gold_texts, prefix_text, self_reference_texts
@@ -59,9 +66,7 @@ class ComprehensiveUtility:
         self.self_references = dict(references)
 
     def __call__(self, model, batch: CalibrationBatch) -> float:
-        generated = self._generate(model, batch, 1)
-        probs = answer_probability(model, batch) if self.config.weights["prob"] > 0 else None
-        return self.score_generated(batch, generated, probs)
+        return self._scores(model, batch, 1, nullcontext, nullcontext)[0]
 
     def score_masks(
         self, model, batch: CalibrationBatch, masks: torch.Tensor, apply_masks: Callable
@@ -71,30 +76,61 @@ class ComprehensiveUtility:
         Each prompt is repeated once per mask and every row runs its own sub-model: the decode
         steps are overhead-bound, so G masks cost far less than G calls.
         """
-        n, groups = len(batch.problems), masks.shape[0]
-        with apply_masks(masks.repeat_interleave(n, dim=0)):  # (G*n, U): row i uses mask i // n
-            generated = self._generate(model, batch, groups)
-        probs = None
+        n = len(batch.problems)
+        return self._scores(
+            model,
+            batch,
+            masks.shape[0],
+            lambda: apply_masks(masks),  # (G, U): row g of a teacher-forced forward
+            lambda: apply_masks(masks.repeat_interleave(n, dim=0)),  # row i uses mask i // n
+        )
+
+    def _scores(
+        self,
+        model,
+        batch: CalibrationBatch,
+        groups: int,
+        per_problem: Callable[[], AbstractContextManager],
+        per_row: Callable[[], AbstractContextManager],
+    ) -> list[float]:
+        """U† of G sub-models: ``per_problem()`` masks the teacher-forced forwards (G rows, one
+        problem), ``per_row()`` the generation (G * n rows, sub-model g on rows g*n..g*n+n-1).
+
+        With the answer probability, its forwards over prompt + reference solution also hold
+        each prompt's K/V, and the lean decoder starts from them instead of running the prompts
+        again (a fifth of the time, measured on the packaged model in fp32).
+        """
+        n = len(batch.problems)
+        probs, prefilled = None, None
         if self.config.weights["prob"] > 0:
-            with apply_masks(masks):  # teacher forced, one unpadded forward per problem
-                nll = sub_model_nll(model, batch, groups, batch.answer_mask)  # (G, n)
+            prompts = prompt_lengths(batch) if why_not_lean(model) is None else None
+            with per_problem():
+                if prompts is None:  # teacher forced, one unpadded forward per problem
+                    nll = sub_model_nll(model, batch, groups, batch.answer_mask)  # (G, n)
+                else:
+                    capacity = batch.prompt_ids.shape[1] + self.config.gen_tokens
+                    decoder = prefill_decoder(model, groups * n, capacity)
+                    nll, logits = sub_model_nll_and_prompts(
+                        model, batch, groups, batch.answer_mask, decoder, prompts
+                    )
+                    prefilled = (decoder, logits)
             probs = torch.exp(-nll).flatten()  # (G*n,): row g * n + i, as generated
+        with per_row():
+            generated = generate_greedy(
+                model,
+                batch.tokenizer,
+                batch.prompt_ids.repeat(groups, 1),  # (G*n, P)
+                batch.prompt_attention_mask.repeat(groups, 1),
+                self.config.gen_tokens,
+                self.config.stop,
+                prefilled=prefilled,
+            )
         scores = []
         for g in range(groups):
             rows = slice(g * n, (g + 1) * n)
             part = Generated(*(field[rows] for field in _fields(generated)))
             scores.append(self.score_generated(batch, part, None if probs is None else probs[rows]))
         return scores
-
-    def _generate(self, model, batch: CalibrationBatch, groups: int) -> Generated:
-        return generate_greedy(
-            model,
-            batch.tokenizer,
-            batch.prompt_ids.repeat(groups, 1),  # (G*n, P)
-            batch.prompt_attention_mask.repeat(groups, 1),
-            self.config.gen_tokens,
-            self.config.stop,
-        )
 
     def references(self, batch: CalibrationBatch, generated: Generated) -> list[str]:
         """What lexical and semantic similarity compare each generation with."""

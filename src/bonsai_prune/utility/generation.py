@@ -89,12 +89,14 @@ def greedy_sequences(
     *,
     pad_token_id: int,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prefilled: tuple | None = None,
 ) -> torch.Tensor:
     """Greedy continuations (B, P + T) of left-padded prompts (B, P), rows padded after they end.
 
     stop(sequences) -> (B,) bool marks the rows that have ended; None: every row runs the full
     ``max_new_tokens`` (a speed measurement). The lean decoder runs where :func:`why_not_lean`
-    allows (Llama-shaped families on CPU), transformers' ``generate`` otherwise.
+    allows (Llama-shaped families on CPU), transformers' ``generate`` otherwise. prefilled:
+    the lean decoder's prompt state from a caller that ran the prompts (``greedy_decode``).
     """
     if why_not_lean(model) is None:
         return greedy_decode(
@@ -104,7 +106,10 @@ def greedy_sequences(
             max_new_tokens,
             pad_token_id=pad_token_id,
             stop=stop,
+            prefilled=prefilled,
         )
+    if prefilled is not None:
+        raise ValueError(f"a prefilled decoder needs the lean decoder: {why_not_lean(model)}")
     if stop is None:
         until = {"min_new_tokens": max_new_tokens}  # end-of-sequence may not end a row
     else:
@@ -133,11 +138,12 @@ def generate_greedy(
     attention_mask: torch.Tensor,
     max_new_tokens: int,
     stop: str = "answer",
+    prefilled: tuple | None = None,
 ) -> Generated:
     """Greedy continuations (B rows) of left-padded prompts (B, P), at most ``max_new_tokens``.
 
     stop: "answer" (end after the answer's line), "question" (end at a new "Question:", cut
-    there) or "none" (end-of-sequence only).
+    there) or "none" (end-of-sequence only). prefilled: see :func:`greedy_sequences`.
     """
     pattern = STOP_PATTERNS[stop]
     stopper = _RowStopper(tokenizer, input_ids.shape[1], pattern, stop_token_ids(model, tokenizer))
@@ -148,6 +154,7 @@ def generate_greedy(
         max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         stop=lambda sequences: stopper(sequences, None),
+        prefilled=prefilled,
     )
     new = output[:, input_ids.shape[1] :].cpu()  # (B, <= max_new_tokens)
     texts, tokens, counts, finished = [], [], [], []
