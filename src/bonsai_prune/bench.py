@@ -52,15 +52,20 @@ class BenchConfig:
         return cls(False, model, 16, 8, 128, dtype=dtype)
 
 
-def matmul_gflops(dtype: torch.dtype, repeats: int = 10) -> float:
-    """Measured GFLOP/s of one (2048x576)@(576x1536) matmul in ``dtype``."""
+def matmul_gflops(dtype: torch.dtype, repeats: int = 10, trials: int = 5) -> float:
+    """Peak GFLOP/s of a (2048x576)@(576x1536) matmul in ``dtype``: the best of ``trials``
+    timings of ``repeats`` products (one timing read 109 GFLOP/s where another run read 128,
+    and the model's own FLOP/s then came out above the "peak")."""
     m, k, n = MATMUL_SHAPE
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
-    began = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * m * k * n * repeats / (time.perf_counter() - began) / 1e9
+    best = float("inf")
+    for _ in range(trials):
+        began = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - began)
+    return 2 * m * k * n * repeats / best / 1e9
 
 
 # ---- sub-model evaluation: project path vs reference loop -----------------------------------
@@ -540,7 +545,10 @@ def bench_pruning(config: BenchConfig, workdir: Path) -> dict:
 def run_bench(config: BenchConfig, progress: bool = True) -> dict:
     """All figures of the benchmark, in one dictionary (see the module docstring)."""
     began = time.perf_counter()
-    peaks = {"fp32": matmul_gflops(torch.float32), "bf16": matmul_gflops(torch.bfloat16, repeats=2)}
+    peaks = {
+        "fp32": matmul_gflops(torch.float32),
+        "bf16": matmul_gflops(torch.bfloat16, repeats=2, trials=2),
+    }
     result: dict = {"quick": config.quick, "machine": _machine(), "matmul_gflops": peaks}
     result["evaluation"] = bench_evaluation(config, progress)
     achieved = result["evaluation"]["perplexity"]["model_gflops_per_s"]
