@@ -3,8 +3,9 @@ kept units also write what the removed ones wrote (forward passes only, no gradi
 
 Removing heads or neurons drops input channels of each module's output projection (``o_proj``,
 ``down_proj``: ``adapter.output_projections``) and, with them, their contribution to the
-residual stream. One forward over a fixed calibration text records, for every projection about
-to lose channels, the Gram matrix of its inputs; ``core.compensation.refit_kept_columns`` then
+residual stream. Forwards over a fixed calibration text record, for every projection about
+to lose channels, the Gram matrix of its inputs (a chunk of layers per forward, deepest first,
+so that only one chunk's matrices are held); ``core.compensation.refit_kept_columns`` then
 solves the least-squares refit of the kept columns. Measured on the packaged model
 (``results/search-quality/ppl20.md``, Bonsai+perplexity, held-out reference perplexity):
 5.21 -> 4.43 at 20% sparsity, 8.96 -> 5.65 at 35%, for ~9 s per round on 2 cores.
@@ -134,6 +135,8 @@ def input_grams(
     module at a time: all of them in float64 at once would triple the memory they take).
     The forward stops once the deepest target has been recorded."""
     grams: dict[tuple[int, str], torch.Tensor] = {}
+    if not targets:
+        return grams
     real = compensation.attention_mask.bool()  # (B, S)
     rows = slice(0, 0)
 
