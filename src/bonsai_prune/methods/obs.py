@@ -25,7 +25,7 @@ from bonsai_prune.methods.base import (
     refuse_resume,
     relative_importance,
 )
-from bonsai_prune.models.compensation import DAMPING, Compensation, chunked_input_grams
+from bonsai_prune.models.compensation import DAMPING, Compensation, each_input_gram
 
 
 @torch.no_grad()
@@ -35,15 +35,16 @@ def obs_errors(adapter, model, text: Compensation) -> torch.Tensor:
     projections = adapter.output_projections(model)
     modules = adapter.layout(model).modules
     live = {(m.layer, m.kind) for m in modules if m.n_units} & projections.keys()
-    errors = {}
     targets = {key: projections[key][0] for key in live}
-    for grams in chunked_input_grams(model, targets, text):  # a few layers' Grams at a time
-        for key in list(grams):
-            linear, width = projections[key]
-            errors[key] = removal_errors(linear.weight, grams.pop(key), width, DAMPING).cpu()
-    zeros = [torch.zeros(m.n_units, dtype=torch.float64) for m in modules]
+    errors = {
+        key: removal_errors(projections[key][0].weight, gram, projections[key][1], DAMPING).cpu()
+        for key, gram in each_input_gram(model, targets, text)  # a few layers' at a time
+    }
     return torch.cat(
-        [errors.get((m.layer, m.kind), z) for m, z in zip(modules, zeros, strict=True)]
+        [
+            errors.get((m.layer, m.kind), torch.zeros(m.n_units, dtype=torch.float64))
+            for m in modules
+        ]
     )
 
 

@@ -71,12 +71,10 @@ def refit_outputs(adapter, model, keep: torch.Tensor, compensation: Compensation
     targets = {key: projections[key][0] for key in thinned}
     # Deepest layers first: refitting a chunk changes only what deeper layers (already
     # recorded) see, so every Gram matrix is the one a single pass would have recorded.
-    for grams in chunked_input_grams(model, targets, compensation.to(device)):
-        for key in list(grams):
-            linear, width = projections[key]
-            kept = thinned[key].repeat_interleave(width).to(linear.weight.device)
-            gram = grams.pop(key)  # freed once used: the float64 copies exist one at a time
-            linear.weight.copy_(refit_kept_columns(linear.weight, gram, kept, compensation.damping))
+    for key, gram in each_input_gram(model, targets, compensation.to(device)):
+        linear, width = projections[key]
+        kept = thinned[key].repeat_interleave(width).to(linear.weight.device)
+        linear.weight.copy_(refit_kept_columns(linear.weight, gram, kept, compensation.damping))
     return len(thinned)
 
 
@@ -120,6 +118,16 @@ def chunked_input_grams(
     budget = GRAM_BYTES if budget_bytes is None else budget_bytes
     for chunk in gram_chunks(targets, budget):
         yield input_grams(model, {key: targets[key] for key in chunk}, compensation)
+
+
+def each_input_gram(
+    model, targets: dict[tuple[int, str], torch.nn.Linear], compensation: Compensation
+) -> Iterator[tuple[tuple[int, str], torch.Tensor]]:
+    """(key, Gram matrix) of every target, from :func:`chunked_input_grams`, each dropped
+    once the caller moves on (the refit's float64 copies then exist one at a time)."""
+    for grams in chunked_input_grams(model, targets, compensation):
+        while grams:
+            yield grams.popitem()
 
 
 class _Recorded(Exception):

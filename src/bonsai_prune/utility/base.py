@@ -98,13 +98,21 @@ def sub_model_nll(
     problem's length, so no padding is computed, and G rows through the same weights make a
     larger matrix product than one sub-model's problems would. Right padding assumed.
     """
-    lengths = batch.attention_mask.sum(1).tolist()
-    nll = torch.empty(groups, len(lengths), dtype=torch.float32)
-    for i, length in enumerate(lengths):
-        ids = batch.input_ids[i : i + 1, :length].expand(groups, length)
-        target = target_mask[i : i + 1, :length].expand(groups, length)
+    nll = torch.empty(groups, len(batch.problems), dtype=torch.float32)
+    for i, ids, target in _problem_rows(batch, groups, target_mask):
         nll[:, i] = row_nll(model, ids, None, target).float().cpu()
     return nll
+
+
+def _problem_rows(batch: CalibrationBatch, groups: int, target_mask: torch.Tensor):
+    """(i, ids (G, L_i), target (G, L_i)) per problem: its unpadded row, once per sub-model."""
+    for i, length in enumerate(batch.attention_mask.sum(1).tolist()):
+        rows = slice(i, i + 1), slice(0, length)
+        yield (
+            i,
+            batch.input_ids[rows].expand(groups, length),
+            target_mask[rows].expand(groups, length),
+        )
 
 
 def prompt_lengths(batch: CalibrationBatch) -> list[int] | None:
@@ -139,22 +147,17 @@ def sub_model_nll_and_prompts(
 
     body, head = model.get_decoder(), model.get_output_embeddings()
     keyword = cache_keyword(body)
-    lengths = batch.attention_mask.sum(1).tolist()
-    n, width = len(lengths), batch.prompt_ids.shape[1]
+    n, width = len(batch.problems), batch.prompt_ids.shape[1]
     nll = torch.empty(groups, n, dtype=torch.float32)
-    logits: list[torch.Tensor] = [torch.empty(0)] * (groups * n)
-    for i, (length, prompt) in enumerate(zip(lengths, prompts, strict=True)):
-        ids = batch.input_ids[i : i + 1, :length].expand(groups, length)
-        target = target_mask[i : i + 1, :length].expand(groups, length)
+    after_prompts = []  # per problem (G, V)
+    for i, ids, target in _problem_rows(batch, groups, target_mask):
         cache = DynamicCache()
         hidden = body(input_ids=ids, use_cache=True, **{keyword: cache}).last_hidden_state
         nll[:, i] = _target_nll(head, hidden, ids, target).float().cpu()
-        after_prompt = head(hidden[:, prompt - 1])  # (G, V)
-        for g in range(groups):
-            logits[g * n + i] = after_prompt[g]
-        decoder.load_rows(slice(i, None, n), cache, prompt, width)
+        after_prompts.append(head(hidden[:, prompts[i] - 1]))
+        decoder.load_rows(slice(i, None, n), cache, prompts[i], width)  # rows g * n + i
         del cache
-    return nll, torch.stack(logits)
+    return nll, torch.stack(after_prompts, dim=1).flatten(0, 1)  # (G, n, V) -> row g * n + i
 
 
 def answer_probability(model, batch: CalibrationBatch) -> torch.Tensor:
