@@ -70,7 +70,19 @@ BAD_GRIDS = {
     ),
     "top-level key": (
         {**grid({"method": "wanda"}), "cell": []},
-        "grid file: unknown key 'cell'; known: out, report, eval, base, recover, full_eval, cells",
+        "grid file: unknown key 'cell'; known: "
+        "out, report, eval, base, recover, full_eval, contrast, cells",
+    ),
+    "contrast not two labels": (
+        {**grid({"method": "wanda"}), "contrast": ["wanda"]},
+        "grid file: 'contrast' must list two different method labels, got ['wanda']",
+    ),
+    "contrast names no main cell": (
+        {
+            **grid({"method": "wanda"}, {"method": "random", "group": "ablation: x"}),
+            "contrast": ["wanda", "random"],
+        },
+        "grid file: contrast names 'random', which is not a main cell's name; use one of 'wanda'",
     ),
     "full_eval not a flag": (
         {**grid({"method": "wanda"}), "full_eval": "yes"},
@@ -297,7 +309,9 @@ TINY_GRID = {
 
 def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch):
     path = tmp_path / "grid.yaml"
-    path.write_text(yaml.safe_dump({**TINY_GRID, "out": str(tmp_path / "out")}), encoding="utf-8")
+    contrast = ["bonsai+perplexity", "random"]
+    data = {**TINY_GRID, "out": str(tmp_path / "out"), "contrast": contrast}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
     calls = Calls(monkeypatch, tokenizer)
     out = tmp_path / "out"
 
@@ -325,6 +339,16 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
     assert "## Utility validity per round" in report
     assert len(re.findall(r"\| bonsai\+perplexity \| 0.1 \| [01] \| \d+% / ", report)) == 2
     assert len(re.findall(r"\| [01] of 1 \| 4 \(0 of 1\) \|", report)) == 2  # 4 scored, no stop
+    # the summary first: the best main model per sparsity against dense, then the contrast at
+    # 0.1 (the only sparsity both methods ran), paired on seed 0, over seeds 2 and 1
+    summary = report[report.index("## Summary") : report.index("## Main results")]
+    assert re.search(r"\| 0\.1 \| (random|bonsai\+perplexity) \| [\d.]+ \[", summary)
+    assert re.search(r"\| 0\.2 \| random \| [\d.]+ \[", summary)
+    assert "**bonsai+perplexity against random.**" in summary
+    assert re.search(
+        r"\| 0\.1 \| pruned \| [+-][\d.]+ \[.*\| [\d.]+ ± [\d.]+ \(2\) / [\d.]+ \(1\) \|", summary
+    )
+    assert "| 0.2 | pruned |" not in summary
     for name in ("accuracy", "flexible", "udagger", "perplexity", "answer_prob"):
         assert (out / f"{name}_vs_sparsity.png").stat().st_size > 1000
     assert (out / "layers_0.1.png").is_file() and (out / "layers_0.2.png").is_file()

@@ -32,7 +32,9 @@ A cell with ``recover: true`` is also distilled from its dense parent (the grid'
 ``full_eval: true`` also evaluates, on the whole split (the eval mapping without its limit), the
 dense model and, at each sparsity, the finished main model (a prune or a recovery) with the
 highest U† (:func:`full_eval_keys`): into ``cells/<key>/eval-full/``. ``report: DIR`` writes
-report.md and the plots there instead of ``out``.
+report.md and the plots there instead of ``out``. ``contrast: [LABEL_A, LABEL_B]`` names the two
+main methods the question is about (say Bonsai with U† and Bonsai with perplexity): the report's
+summary sets them against each other at every sparsity, before and after recovery.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from bonsai_prune.rundir import files as io
 
 MAIN_GROUP = "main"
 DENSE_LABEL = "dense"
-TOP_KEYS = ("out", "report", "eval", "base", "recover", "full_eval", "cells")
+TOP_KEYS = ("out", "report", "eval", "base", "recover", "full_eval", "contrast", "cells")
 FULL_EVAL_DIR = "eval-full"  # a cell's evaluation on the whole split (full_eval: true)
 CELL_KEYS = ("name", "group", "sparsities", "seeds", "recover")  # besides the PruneConfig fields
 RECOVER_KEYS = tuple(f.name for f in dataclasses.fields(RecoverConfig))
@@ -89,6 +91,7 @@ class Grid:
     recover_config: RecoverConfig = dataclasses.field(default_factory=RecoverConfig)
     full_eval: bool = False  # the dense model and the best main model per sparsity, whole split
     report_dir: Path | None = None  # report.md and plots (default: out)
+    contrast: tuple[str, str] | None = None  # two main labels the report's summary compares
 
     @property
     def full_eval_config(self) -> EvalConfig:
@@ -229,6 +232,7 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
     if not isinstance(full_eval, bool):
         raise ConfigError(f"grid file: 'full_eval' must be true or false, got {full_eval!r}")
     dense = {key: getattr(base, key) for key in EVAL_FROM_BASE} | {"eval": eval_config.to_dict()}
+    contrast = _contrast(data.get("contrast"), cells)
     return Grid(
         path=path,
         text=text,
@@ -239,7 +243,26 @@ def parse_grid(data, *, path: str = "<grid>", text: str = "") -> Grid:
         recover_config=recover_config,
         full_eval=full_eval,
         report_dir=Path(report_dir) if report_dir else None,
+        contrast=contrast,
     )
+
+
+def _contrast(value, cells: list[Cell]) -> tuple[str, str] | None:
+    """The grid's ``contrast``: two different labels of main cells, or None."""
+    if value is None:
+        return None
+    main = list(dict.fromkeys(c.label for c in cells if c.group == MAIN_GROUP))
+    if not (isinstance(value, list) and len(value) == 2 and value[0] != value[1]):
+        raise ConfigError(
+            f"grid file: 'contrast' must list two different method labels, got {value!r}"
+        )
+    for label in value:
+        if label not in main:
+            raise ConfigError(
+                f"grid file: contrast names {label!r}, which is not a main cell's name; "
+                f"use one of {', '.join(map(repr, main))}"
+            )
+    return value[0], value[1]
 
 
 def cell_key(config: PruneConfig, eval_config: EvalConfig) -> str:
@@ -394,10 +417,16 @@ def read_cell(grid: Grid, key: str) -> CellRecord:
 
 
 def full_eval_keys(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
-    """The keys ``full_eval`` evaluates on the whole split: the dense model's, then per sparsity
-    the finished main-group model (prune or recovery) with the highest U† on the grid's
-    problems. U† picks because accuracy at this scale is a few percent and ties; a model that
-    was once the best keeps its whole-split evaluation in the cache when a better one lands."""
+    """The keys ``full_eval`` evaluates on the whole split: the dense model's, then
+    :func:`best_main_keys` by sparsity. A model that was once the best keeps its whole-split
+    evaluation in the cache when a better one lands."""
+    best = best_main_keys(grid, records)
+    return [grid.dense_key, *(best[s] for s in sorted(best))]
+
+
+def best_main_keys(grid: Grid, records: dict[str, CellRecord]) -> dict[float, str]:
+    """sparsity -> the finished main-group model (prune or recovery) with the highest U† on the
+    grid's problems. U† picks because accuracy at this scale is a few percent and ties."""
     best: dict[float, tuple[float, str]] = {}
     for cell in grid.report_cells():
         record = records.get(cell.key)
@@ -407,4 +436,4 @@ def full_eval_keys(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
         sparsity = cell.prune_config.sparsity
         if score is not None and (sparsity not in best or score > best[sparsity][0]):
             best[sparsity] = (score, cell.key)
-    return [grid.dense_key, *(best[s][1] for s in sorted(best))]
+    return {sparsity: key for sparsity, (_, key) in sorted(best.items())}
