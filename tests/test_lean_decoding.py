@@ -124,6 +124,37 @@ def test_slicing_frees_the_fused_copy_and_the_next_call_rebuilds_it():
         assert model in decoding._FUSED
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_decode_as_plain_ones(dtype, monkeypatch):
+    """Where the torch build packs weights (oneDNN), every weight a step multiplies is packed,
+    and the tokens equal the plain weights' ones, with batched masks on o_proj/down_proj (run
+    as the modules' pre-hooks) and with a forward hook (the module is called as it is)."""
+    from bonsai_prune.models import decoding
+
+    if not decoding._packing_works():
+        pytest.skip("this torch build has no oneDNN packed linear: the plain path runs")
+    model = build("llama").to(dtype)
+    adapter = adapter_for(model)
+    keeps = torch.stack([uneven_keep(model, seed) for seed in range(3)])
+    ids = ids_and_mask(1, 10)[0].expand(3, -1)
+    mask = torch.ones_like(ids)
+    down = model.model.layers[1].mlp.down_proj
+    with torch.no_grad(), adapter.apply_masks(model, keeps):
+        packed = lean_greedy(model, ids, mask)
+        fused = decoding._FUSED[model][1]
+        assert fused.head.layout == torch._mkldnn
+        for spec in fused.layers:
+            assert {spec.qkv[0].layout, spec.o.layout, spec.down.layout} == {torch._mkldnn}
+        handle = down.register_forward_hook(lambda *args: None)
+        hooked = lean_greedy(model, ids, mask)
+        handle.remove()
+        monkeypatch.setattr(decoding, "_packing_works", lambda: False)
+        decoding.release_fused(model)
+        plain = lean_greedy(model, ids, mask)
+        assert decoding._FUSED[model][1].head.layout == torch.strided
+    assert torch.equal(packed, plain) and torch.equal(hooked, plain)
+
+
 def test_stop_ends_rows_as_transformers_and_pads_them():
     from transformers import StoppingCriteria, StoppingCriteriaList
 
