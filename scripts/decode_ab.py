@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from bonsai_prune.bench import _prompts, slice_at_random
+from bonsai_prune.bench.slicing import bench_prompts, slice_at_random
 from bonsai_prune.models import adapter_for, load_model
 from bonsai_prune.models.decoding import greedy_decode
 
@@ -19,7 +19,7 @@ torch.manual_seed(0)
 dense, tok = load_model("default", dtype="fp32")
 pruned, _ = load_model("default", dtype="fp32")
 slice_at_random(pruned, adapter_for(pruned), 0.5, 0)
-enc = tok(_prompts(tok)[:1], return_tensors="pt", add_special_tokens=False)
+enc = tok(bench_prompts(tok)[:1], return_tensors="pt", add_special_tokens=False)
 N = 64
 
 

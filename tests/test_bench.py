@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bonsai_prune.bench import MAX_RATIO_SPREAD, _ratio_text, project_search, ratio_over_rounds
+from bonsai_prune.bench.evaluation import project_search
+from bonsai_prune.bench.measure import MAX_RATIO_SPREAD, ratio_over_rounds
+from bonsai_prune.bench.table import ratio_text
 
 
 def rounds(values: list[float]) -> list[dict]:
@@ -28,8 +30,8 @@ def test_a_burst_of_load_on_one_side_makes_the_ratio_untrusted():
     )
     assert (summary["max"] - summary["min"]) / summary["median"] > MAX_RATIO_SPREAD
     assert not summary["trusted"]
-    assert "not a result" in _ratio_text(summary["median"], summary)
-    assert _ratio_text(1.2, None) == "1.20x"
+    assert "not a result" in ratio_text(summary["median"], summary)
+    assert ratio_text(1.2, None) == "1.20x"
 
 
 def test_projection_shrinks_the_body_with_each_round_and_bounds_by_flops():
@@ -55,7 +57,7 @@ def test_the_lm_head_does_not_shrink():
 def test_evaluation_flops_count_attention_per_row_and_the_reference_pads(tokenizer):
     from conftest import tiny_llama_for
 
-    from bonsai_prune.bench import attention_flops, evaluation_flops
+    from bonsai_prune.bench.evaluation import attention_flops, evaluation_flops
     from bonsai_prune.data.calibration import build_batch
     from bonsai_prune.data.problems import load_gsm8k
     from bonsai_prune.models import adapter_for

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoTokenizer
 
-from bonsai_prune.bench import reference_perplexity
+from bonsai_prune.bench.reference import reference_perplexity
 from bonsai_prune.config import UtilityConfig
 from bonsai_prune.data.calibration import build_batch
 from bonsai_prune.data.problems import load_gsm8k
