@@ -14,10 +14,10 @@ the same weights in a short loop per layer:
   products per layer instead of five);
 - every weight a step multiplies (q/k/v, gate/up, o, down, the LM head) is kept once per weight
   version in oneDNN's packed layout where the CPU build has it (:func:`_pack`): ``F.linear``
-  re-lays a weight out on each call, which a step of a few rows pays for every weight. Measured
-  on the packaged model (16 rows, 128 steps, 2 cores): 154 -> 80 ms per step in fp32, 92 -> 47
-  in bf16, with the same greedy tokens; the copies of o, down and the LM head cost their size
-  in memory while a model decodes (``release_fused`` frees them);
+  re-lays a weight out on each call, which a step of a few rows pays for every weight.
+  ``scripts/packed_ab.py`` on the packaged model (dense and a 50% slice, 1 and 16 rows, 2
+  cores): 1.45-1.84x faster steps in fp32, the same greedy tokens; the copies of o, down and
+  the LM head cost their size in memory while a model decodes (``release_fused`` frees them);
 - K/V are written in place into a (B, n_kv, L, d) buffer: no cache objects, no concatenation;
 - uneven GQA groups (a sliced layer's ``kv_head_index``) need no K/V gather: a decode step has
   one query per head, so a K/V head's query heads are laid along SDPA's *query* axis, padded to
@@ -115,7 +115,7 @@ def _packing_works() -> bool:
     """Whether this torch build packs and multiplies CPU weights in oneDNN's layout."""
     try:
         weight, x = torch.randn(8, 16), torch.randn(2, 16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, _PACK_ROWS)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
