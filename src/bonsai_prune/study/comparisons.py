@@ -60,7 +60,7 @@ def _kept_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecord]) 
                 "U† kept (x dense)",
                 f"ref. ppl (dense {dense_ppl})",
                 "whole split: strict kept (x dense)",
-            ]  # fmt: skip
+            ]
         ),
     ]
     for sparsity, key in best.items():
@@ -94,7 +94,7 @@ def _contrast_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecor
                 *(h for _, h, _, _ in PAIRED_METRICS),
                 f"U†: {a} / {b}",
                 f"ref. ppl: {a} / {b}",
-            ]  # fmt: skip
+            ]
         ),
     ]
     for sparsity in sorted({c.prune_config.sparsity for c in main}):
