@@ -11,8 +11,13 @@ import torch
 
 from bonsai_prune.config import EvalConfig
 from bonsai_prune.data.problems import load_gsm8k
-from bonsai_prune.errors import ConfigError
-from bonsai_prune.eval.gsm8k import evaluate, format_summary, generate_solutions
+from bonsai_prune.errors import ConfigError, DataError
+from bonsai_prune.eval.gsm8k import (
+    add_answer_probabilities,
+    evaluate,
+    format_summary,
+    generate_solutions,
+)
 from bonsai_prune.utility.combine import score_texts
 
 TINY_WEIGHTS = {"acc": 50, "lex": 50, "sem": 0}  # sem=0: no embedding model is loaded
@@ -185,6 +190,7 @@ def test_evaluate_tiny_model_writes_files_and_sane_figures(tiny_model, tokenizer
         assert record["accuracy_contains"] in (0.0, 1.0)
         assert 0.0 <= record["lexical"] <= 1.0
         assert record["semantic"] is None  # weight 0: not computed
+        assert 0.0 < record["answer_prob"] < 1.0  # weight 0, but reported
         assert 0.0 <= record["u_dagger"] <= 100.0
         assert 1 <= record["n_new_tokens"] <= 4
 
@@ -197,6 +203,8 @@ def test_evaluate_tiny_model_writes_files_and_sane_figures(tiny_model, tokenizer
         assert 0.0 <= low <= summary[key] <= high <= 1.0
     low, high = summary["u_dagger_ci"]
     assert 0.0 <= low <= summary["u_dagger"] <= high <= 100.0
+    low, high = summary["answer_prob_ci"]
+    assert 0.0 <= low <= summary["answer_prob"] <= high <= 1.0
     # a random model spreads probability over ~49k tokens: perplexity far above 1, finite
     assert math.isfinite(summary["reference_perplexity"]) and summary["reference_perplexity"] > 1
     assert summary["total_params"] == sum(p.numel() for p in tiny_model.parameters())
@@ -209,6 +217,34 @@ def test_evaluate_tiny_model_writes_files_and_sane_figures(tiny_model, tokenizer
 
     table = format_summary(summary)
     assert "accuracy (strict)" in table and "CI" in table and "tiny-random-llama" in table
+
+
+def test_an_evaluation_saved_without_the_answer_probability_gains_it(
+    tiny_model, tokenizer, tmp_path
+):
+    """Evaluations saved before the answer probability was reported gain it from the model they
+    evaluated (the reference pass alone); another model is refused, nothing written."""
+    config = EvalConfig(limit=3, max_new_tokens=3, batch_size=2, weights=TINY_WEIGHTS,
+                        n_bootstrap=50)  # fmt: skip
+    result = evaluate(config, model=tiny_model, tokenizer=tokenizer, out_dir=tmp_path,
+                      progress=False)  # fmt: skip
+    old_records = [{**r, "answer_prob": None} for r in result.records]
+    old_summary = {**result.summary, "answer_prob": None, "answer_prob_ci": None}
+    lines = "".join(json.dumps(r) + "\n" for r in old_records)
+    (tmp_path / "generations.jsonl").write_text(lines, encoding="utf-8")
+    (tmp_path / "summary.json").write_text(json.dumps(old_summary), encoding="utf-8")
+
+    other = type(tiny_model)(tiny_model.config)  # same shapes, other weights
+    with pytest.raises(DataError, match="reference NLL recomputed differs"):
+        add_answer_probabilities(tmp_path, other, tokenizer, progress=False)
+    assert json.loads((tmp_path / "summary.json").read_text())["answer_prob"] is None
+
+    assert add_answer_probabilities(tmp_path, tiny_model, tokenizer, progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "generations.jsonl").open()]
+    assert summary == json.loads(json.dumps(result.summary))
+    assert records == json.loads(json.dumps(result.records))
+    assert not add_answer_probabilities(tmp_path, tiny_model, tokenizer, progress=False)
 
 
 def test_evaluate_is_deterministic_and_sizes_a_model_directory(tiny_model, tokenizer, tmp_path):

@@ -375,6 +375,33 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
         run_experiment(path, progress=False, load=calls.load, only="nothing")
 
 
+def test_cached_evaluations_without_the_answer_probability_gain_it(
+    tmp_path, tokenizer, monkeypatch
+):
+    """Evaluations cached before the answer probability was reported gain it at the next run,
+    from the dense model and each cell's saved weights; a cell whose weights are gone is named."""
+    data = {**TINY_GRID, "out": str(tmp_path / "out"),
+            "cells": [{"method": "random", "sparsities": [0.1, 0.2]}]}  # fmt: skip
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    calls = Calls(monkeypatch, tokenizer)
+    first = run_experiment(path, progress=False, load=calls.load)
+    keys = [first.grid.dense_key, *(c.key for c in first.grid.cells)]
+    evals = [tmp_path / "out" / "cells" / key / "eval" for key in keys]
+    saved = [json.loads((folder / "summary.json").read_text()) for folder in evals]
+    assert all(s["answer_prob"] is not None for s in saved)
+    for folder, summary in zip(evals, saved, strict=True):
+        (folder / "summary.json").write_text(json.dumps({**summary, "answer_prob": None}))
+    shutil.rmtree(evals[2].parent / "run" / "model")  # the 0.2 cell's weights: gone
+    calls.reset()
+    run_experiment(path, progress=False, load=calls.load)
+    assert calls.reset() == {"load": 1, "prune": 0, "evaluate": 0}  # the dense model, once
+    after = [json.loads((folder / "summary.json").read_text()) for folder in evals]
+    assert after[0]["answer_prob"] == pytest.approx(saved[0]["answer_prob"])
+    assert after[1]["answer_prob"] == pytest.approx(saved[1]["answer_prob"])
+    assert after[2]["answer_prob"] is None
+
+
 def test_a_recovered_cell_is_distilled_evaluated_cached_and_reported(
     tmp_path, tokenizer, tiny_model_dir, monkeypatch
 ):

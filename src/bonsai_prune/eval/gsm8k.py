@@ -32,7 +32,7 @@ from bonsai_prune.core.metrics import LM_EVAL_RULES
 from bonsai_prune.data.calibration import build_batch
 from bonsai_prune.data.problems import Problem, load_gsm8k
 from bonsai_prune.data.prompts import exemplars, format_prompt
-from bonsai_prune.errors import ConfigError, ModelLoadError, UnsupportedModelError
+from bonsai_prune.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
 from bonsai_prune.eval.stats import CI_LEVEL, bootstrap_ci, wilson_interval
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import DEFAULT_MODEL, load_model, packaged_gguf
@@ -48,7 +48,7 @@ PROPORTIONS = (  # Wilson intervals; ours, then lm-evaluation-harness's rules (e
     "accuracy_contains",
     *(f"accuracy_{name}" for name in LM_EVAL_RULES),
 )
-CI_METRICS = (*PROPORTIONS, "u_dagger")
+CI_METRICS = (*PROPORTIONS, "answer_prob", "u_dagger")
 MEAN_METRICS = (*PROPORTIONS, "lexical", "semantic", "answer_prob", "u_dagger")
 
 
@@ -255,6 +255,55 @@ def add_lm_eval_accuracies(out: str | Path) -> bool:
         hits = [r[key] for r in records]
         summary[key] = float(np.mean(hits)) if hits else None
         summary[f"{key}_ci"] = list(wilson_interval(sum(hits), len(hits))) if hits else None
+    atomic_write_json(out / "summary.json", summary)
+    return True
+
+
+def add_answer_probabilities(out: str | Path, model, tokenizer, progress: bool = True) -> bool:
+    """Give a saved evaluation (``out``) made before the answer probability was reported (it
+    was computed, but kept only where U† weighed it) that figure, from ``model``, the model it
+    evaluated; True if it changed anything.
+
+    Only the teacher-forced reference pass runs again. It recomputes each problem's reference
+    NLL too, which must equal the saved one (same model, same code, same batches): a mismatch
+    means another model, and raises with nothing written.
+    """
+    out = Path(out)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    if summary.get("answer_prob") is not None:
+        return False
+    config = EvalConfig.from_dict(summary["config"])
+    lines = (out / "generations.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    problems = first_problems(config.split, len(records))
+    nll, answer = reference_nll(
+        model,
+        tokenizer,
+        problems,
+        prompt=config.prompt,
+        shots=config.shots,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
+    saved = torch.tensor(
+        [math.nan if r["reference_nll"] is None else r["reference_nll"] for r in records]
+    )
+    if not torch.allclose(nll, saved, rtol=0.0, atol=1e-4, equal_nan=True):
+        gap = float((nll - saved).abs().nan_to_num(0.0).max())
+        raise DataError(
+            f"{out}: the reference NLL recomputed differs from the saved one by up to {gap:.3g} "
+            "nats/token: the model given (or its dtype) is not the one evaluated there; "
+            "pass that model"
+        )
+    for record, value in zip(records, answer.tolist(), strict=True):
+        record["answer_prob"] = _finite(value)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_text(out / "generations.jsonl", text)
+    values = [r["answer_prob"] for r in records if r["answer_prob"] is not None]
+    summary["answer_prob"] = float(np.mean(values)) if values else None
+    summary["answer_prob_ci"] = (
+        list(bootstrap_ci(values, config.n_bootstrap, config.seed)) if values else None
+    )
     atomic_write_json(out / "summary.json", summary)
     return True
 

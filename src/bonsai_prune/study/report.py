@@ -51,6 +51,7 @@ COLUMNS: tuple[tuple[str, Callable[[CellRecord], float | None], str], ...] = (
         ".1f",
     ),
     ("U† [95% CI]", lambda r: r.summary.get("u_dagger"), ".1f"),
+    ("answer prob.", lambda r: r.summary.get("answer_prob"), ".3f"),
     ("ref. ppl", lambda r: r.summary.get("reference_perplexity"), ".2f"),
     ("non-emb. params (M)", lambda r: scaled(r.summary.get("non_embedding_params"), 1e-6), ".1f"),
     ("decode tok/s", lambda r: r.summary.get("decode_tokens_per_s"), ".1f"),

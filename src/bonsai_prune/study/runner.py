@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bonsai_prune.api import prune
 from bonsai_prune.errors import BonsaiPruneError, ConfigError
-from bonsai_prune.eval.gsm8k import add_lm_eval_accuracies, evaluate
+from bonsai_prune.eval.gsm8k import add_answer_probabilities, add_lm_eval_accuracies, evaluate
 from bonsai_prune.methods import METHODS
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import load_model, resolve_dtype
@@ -61,6 +61,7 @@ def run_experiment(
     load = load or load_model
     cells = _select(grid, only)
     _upgrade_cache(grid)
+    _add_answer_probs(grid, load, progress)
     print(f"experiment {grid.path}: {len(cells)} cell(s) + dense -> {grid.out}", flush=True)
     outcomes = [_run_dense(grid, load, progress)]
     print(f"[dense] {_cell_line(grid, None, outcomes[0])}", flush=True)
@@ -96,6 +97,38 @@ def _upgrade_cache(grid: Grid) -> None:
     for summary in sorted((grid.out / "cells").glob("**/summary.json")):
         if summary.parent.name in ("eval", FULL_EVAL_DIR):
             add_lm_eval_accuracies(summary.parent)
+
+
+def _add_answer_probs(grid: Grid, load: Loader, progress: bool) -> None:
+    """Give cached evaluations made before the answer probability was reported that figure
+    (``eval.gsm8k.add_answer_probabilities``: the reference pass again, each model loaded from
+    the cache). A model whose weights are not in the cache (a fresh checkout) is named and left."""
+    todo: dict[str, list[Path]] = {}
+    for key in dict.fromkeys([grid.dense_key, *(c.key for c in grid.report_cells())]):
+        record = read_cell(grid, key)
+        for name, summary in (("eval", record.summary), (FULL_EVAL_DIR, record.full_summary)):
+            if summary and "config" in summary and summary.get("answer_prob") is None:
+                todo.setdefault(key, []).append(cell_dir(grid, key) / name)
+    config = grid.eval_config
+    for key, folders in todo.items():
+        run = cell_dir(grid, key) / "run"
+        if key != grid.dense_key and not is_pruned_dir(run):
+            print(
+                f"[answer prob.] {key}: its weights are not in the cache; left without", flush=True
+            )
+            continue
+        try:
+            if key == grid.dense_key:
+                model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+            else:
+                model, tokenizer = load_pruned(run, device=config.device)
+                model = model.to(resolve_dtype(config.dtype, config.device))
+            for folder in folders:
+                add_answer_probabilities(folder, model, tokenizer, progress=progress)
+                added = io.read_json(folder / "summary.json")["answer_prob"]
+                print(f"[answer prob.] {key}/{folder.name}: {_number(added, 1, '.3f')}", flush=True)
+        except BonsaiPruneError as e:
+            print(f"[answer prob.] {key}: FAILED {e}", flush=True)
 
 
 def _select(grid: Grid, only: str | Sequence[str] | None) -> list[Cell]:

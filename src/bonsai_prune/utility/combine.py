@@ -74,7 +74,8 @@ def score_texts(
         finished: whether each generation ended by itself rather than at the token cap (the
             strict rule reads a cut-off text's answer only after a marker); default: all True.
         answer_probs: per item, the probability of the gold final answer in [0, 1] (computed
-            with the model, see ``utility.base.answer_probability``); needed when prob > 0.
+            with the model, see ``utility.base.answer_probability``); needed when prob > 0,
+            reported per item whenever given.
         accuracy_rule: a name in ACCURACY_RULES ("strict", "flexible" or "contains").
         lexical: a name in LEXICAL_METRICS ("rouge_numbers" or "token_f1").
         semantic_scorer: reuse one across calls to keep its reference-embedding cache; created
@@ -93,7 +94,12 @@ def score_texts(
             f"reference {bad + 1} has final answer {final_answer(answers[bad])!r}, not a "
             "number; strict accuracy needs numbers (use the 'contains' rule or acc=0)"
         )
-    if weights["prob"] > 0 and (answer_probs is None or len(answer_probs) != len(predictions)):
+    if answer_probs is not None and len(answer_probs) != len(predictions):
+        raise ConfigError(
+            f"{len(answer_probs)} answer probabilities for {len(predictions)} items; "
+            "give one per item"
+        )
+    if weights["prob"] > 0 and answer_probs is None:
         raise ConfigError(
             "the U† weight prob needs the answer probability of every item, which only a model "
             "gives; set prob=0 to score texts alone"
@@ -110,8 +116,9 @@ def score_texts(
         columns["semantic"] = scorer.similarity(
             [clean_text(p) for p in predictions], [clean_text(r) for r in references]
         )
-    if weights["prob"] > 0:
-        # NaN: the answer did not fit the teacher-forced length; the item has no such term
+    if answer_probs is not None:
+        # reported whether or not U† weighs it (a continuous figure where accuracy is a few %);
+        # NaN: the answer did not fit the teacher-forced length, the item has no such term
         columns["answer_prob"] = [float(v) if math.isfinite(v) else None for v in answer_probs]
 
     per_item = []
