@@ -161,6 +161,19 @@ def reference_nll(
     return nll, answer
 
 
+def _reference_pass(model, tokenizer, problems: list[Problem], config: EvalConfig, progress: bool):
+    """:func:`reference_nll` as an evaluation with ``config`` runs it."""
+    return reference_nll(
+        model,
+        tokenizer,
+        problems,
+        prompt=config.prompt,
+        shots=config.shots,
+        batch_size=config.batch_size,
+        progress=progress,
+    )
+
+
 def evaluate(
     config: EvalConfig,
     *,
@@ -197,15 +210,7 @@ def evaluate(
         stop="question" if config.prompt == "plain" else "none",
         progress=progress,
     )
-    nll, answer_probs = reference_nll(
-        model,
-        tokenizer,
-        problems,
-        prompt=config.prompt,
-        shots=config.shots,
-        batch_size=config.batch_size,
-        progress=progress,
-    )
+    nll, answer_probs = _reference_pass(model, tokenizer, problems, config, progress)
     scores = score_texts(
         generations.texts,
         [p.answer for p in problems],
@@ -276,15 +281,7 @@ def add_answer_probabilities(out: str | Path, model, tokenizer, progress: bool =
     lines = (out / "generations.jsonl").read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     problems = first_problems(config.split, len(records))
-    nll, answer = reference_nll(
-        model,
-        tokenizer,
-        problems,
-        prompt=config.prompt,
-        shots=config.shots,
-        batch_size=config.batch_size,
-        progress=progress,
-    )
+    nll, answer = _reference_pass(model, tokenizer, problems, config, progress)
     saved = torch.tensor(
         [math.nan if r["reference_nll"] is None else r["reference_nll"] for r in records]
     )
