@@ -217,6 +217,7 @@ def test_evaluate_tiny_model_writes_files_and_sane_figures(tiny_model, tokenizer
 
     table = format_summary(summary)
     assert "accuracy (strict)" in table and "CI" in table and "tiny-random-llama" in table
+    assert "answer probability" in table
 
 
 def test_an_evaluation_saved_without_the_answer_probability_gains_it(

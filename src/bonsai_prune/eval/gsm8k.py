@@ -434,6 +434,7 @@ def format_summary(summary: dict) -> str:
         ("lexical", optional("lexical", "{:.3f}")),
         ("semantic", optional("semantic", "{:.3f}")),
         ("U† (0-100)", ratio("u_dagger", scale=1.0, unit="")),
+        ("answer probability", ratio("answer_prob")),
         ("reference perplexity", optional("reference_perplexity", "{:.2f}")),
         (
             "params (non-emb / all)",
