@@ -376,10 +376,11 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
 
 
 def test_cached_evaluations_without_the_answer_probability_gain_it(
-    tmp_path, tokenizer, monkeypatch
+    tmp_path, tokenizer, monkeypatch, capsys
 ):
     """Evaluations cached before the answer probability was reported gain it at the next run,
-    from the dense model and each cell's saved weights; a cell whose weights are gone is named."""
+    from the dense model and each cell's saved weights; a cell whose weights are gone is named;
+    one its saved model does not reproduce is refused and marked, and not tried again."""
     data = {**TINY_GRID, "out": str(tmp_path / "out"),
             "cells": [{"method": "random", "sparsities": [0.1, 0.2]}]}  # fmt: skip
     path = tmp_path / "grid.yaml"
@@ -400,6 +401,21 @@ def test_cached_evaluations_without_the_answer_probability_gain_it(
     assert after[0]["answer_prob"] == pytest.approx(saved[0]["answer_prob"])
     assert after[1]["answer_prob"] == pytest.approx(saved[1]["answer_prob"])
     assert after[2]["answer_prob"] is None
+    assert f"their weights are not in the cache: {keys[2]}" in capsys.readouterr().out
+
+    # an evaluation its saved model does not reproduce is refused once, then not retried
+    lines = (evals[1] / "generations.jsonl").read_text().splitlines()
+    shifted = [{**json.loads(line), "reference_nll": 9.0} for line in lines]
+    (evals[1] / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shifted))
+    (evals[1] / "summary.json").write_text(json.dumps({**saved[1], "answer_prob": None}))
+    run_experiment(path, progress=False, load=calls.load)
+    assert "REFUSED" in capsys.readouterr().out
+    assert (evals[1] / experiments.REFUSED).exists()
+    assert json.loads((evals[1] / "summary.json").read_text())["answer_prob"] is None
+    tried = []
+    monkeypatch.setattr(experiments, "add_answer_probabilities", lambda *a, **k: tried.append(a))
+    run_experiment(path, progress=False, load=calls.load)
+    assert tried == []
 
 
 def test_a_recovered_cell_is_distilled_evaluated_cached_and_reported(

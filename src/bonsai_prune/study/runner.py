@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bonsai_prune.api import prune
-from bonsai_prune.errors import BonsaiPruneError, ConfigError
+from bonsai_prune.errors import BonsaiPruneError, ConfigError, DataError
 from bonsai_prune.eval.gsm8k import add_answer_probabilities, add_lm_eval_accuracies, evaluate
 from bonsai_prune.methods import METHODS
 from bonsai_prune.models.adapter import adapter_for
@@ -99,36 +99,59 @@ def _upgrade_cache(grid: Grid) -> None:
             add_lm_eval_accuracies(summary.parent)
 
 
+REFUSED = "answer_prob_refused.txt"  # an evaluation whose model failed the NLL check: not retried
+
+
 def _add_answer_probs(grid: Grid, load: Loader, progress: bool) -> None:
     """Give cached evaluations made before the answer probability was reported that figure
     (``eval.gsm8k.add_answer_probabilities``: the reference pass again, each model loaded from
-    the cache). A model whose weights are not in the cache (a fresh checkout) is named and left."""
+    the cache). Models whose weights are not in the cache (a fresh checkout) are named in one
+    line and left; an evaluation its saved model does not reproduce is marked (``REFUSED``) so
+    that later starts do not pay for the same refusal."""
     todo: dict[str, list[Path]] = {}
     for key in dict.fromkeys([grid.dense_key, *(c.key for c in grid.report_cells())]):
         record = read_cell(grid, key)
         for name, summary in (("eval", record.summary), (FULL_EVAL_DIR, record.full_summary)):
+            folder = cell_dir(grid, key) / name
             if summary and "config" in summary and summary.get("answer_prob") is None:
-                todo.setdefault(key, []).append(cell_dir(grid, key) / name)
-    config = grid.eval_config
-    for key, folders in todo.items():
-        run = cell_dir(grid, key) / "run"
-        if key != grid.dense_key and not is_pruned_dir(run):
-            print(
-                f"[answer prob.] {key}: its weights are not in the cache; left without", flush=True
-            )
-            continue
+                if not (folder / REFUSED).exists():
+                    todo.setdefault(key, []).append(folder)
+    weightless = [
+        k for k in todo if k != grid.dense_key and not is_pruned_dir(cell_dir(grid, k) / "run")
+    ]
+    if weightless:
+        print(
+            f"[answer prob.] left without, their weights are not in the cache: {', '.join(weightless)}",
+            flush=True,
+        )
+    for key in (k for k in todo if k not in weightless):
         try:
-            if key == grid.dense_key:
-                model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-            else:
-                model, tokenizer = load_pruned(run, device=config.device)
-                model = model.to(resolve_dtype(config.dtype, config.device))
-            for folder in folders:
-                add_answer_probabilities(folder, model, tokenizer, progress=progress)
-                added = io.read_json(folder / "summary.json")["answer_prob"]
-                print(f"[answer prob.] {key}/{folder.name}: {_number(added, 1, '.3f')}", flush=True)
+            model, tokenizer, _ = _load_evaluated(grid, key, grid.eval_config, load)
         except BonsaiPruneError as e:
             print(f"[answer prob.] {key}: FAILED {e}", flush=True)
+            continue
+        for folder in todo[key]:
+            try:
+                add_answer_probabilities(folder, model, tokenizer, progress=progress)
+            except DataError as e:
+                io.atomic_write_text(folder / REFUSED, f"{e}\n")
+                print(f"[answer prob.] {key}/{folder.name}: REFUSED {e}", flush=True)
+                continue
+            added = io.read_json(folder / "summary.json")["answer_prob"]
+            print(f"[answer prob.] {key}/{folder.name}: {_number(added, 1, '.3f')}", flush=True)
+
+
+def _load_evaluated(grid: Grid, key: str, config, load: Loader) -> tuple:
+    """``(model, tokenizer, config)`` for evaluating ``key`` under ``config``: the dense model
+    through ``load``, or the cell's saved run cast to the evaluation's dtype (its config then
+    names that run, so the evaluation sizes the files on disk)."""
+    if key == grid.dense_key:
+        model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
+        return model, tokenizer, config
+    run = cell_dir(grid, key) / "run"
+    model, tokenizer = load_pruned(run, device=config.device)
+    model = model.to(resolve_dtype(config.dtype, config.device))
+    return model, tokenizer, replace(config, model=str(run))
 
 
 def _select(grid: Grid, only: str | Sequence[str] | None) -> list[Cell]:
@@ -259,14 +282,9 @@ def _run_full_eval(grid: Grid, key: str, load: Loader, progress: bool) -> CellOu
     if read_cell(grid, key).full_summary is not None:
         outcome = CellOutcome(key, label, "cached", 0.0)
     else:
-        began, config = time.perf_counter(), grid.full_eval_config
+        began = time.perf_counter()
         try:
-            if key == grid.dense_key:
-                model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-            else:
-                model, tokenizer = load_pruned(folder / "run", device=config.device)
-                model = model.to(resolve_dtype(config.dtype, config.device))
-                config = replace(config, model=str(folder / "run"))
+            model, tokenizer, config = _load_evaluated(grid, key, grid.full_eval_config, load)
             evaluate(
                 config,
                 model=model,
