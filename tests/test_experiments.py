@@ -564,3 +564,20 @@ def test_the_report_shows_lm_eval_agreements_stored_beside_the_cells(tmp_path):
         "| dense | 300 | chat, bf16 | 0.3 [1.1, 4.7] | 2.3 [1.1, 4.7] | 0.7 / 3.0 | n/a / n/a | 90 |"
         in report
     )
+
+
+@pytest.mark.parametrize(
+    ("compensated", "text"),
+    [
+        ([True, True], "least-squares compensation before each slice"),
+        ([False], "no compensation"),
+        (
+            [True, False, True],
+            "least-squares compensation before each slice (not in 1 of its 3 cells)",
+        ),
+    ],
+)
+def test_the_search_line_names_cells_without_compensation(compensated, text):
+    from bonsai_prune.study.report import _compensation
+
+    assert _compensation(compensated) == text

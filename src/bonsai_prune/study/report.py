@@ -163,25 +163,18 @@ def _dtype_used(asked: str, records: dict[str, CellRecord]) -> str:
 
 def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
     """The search budget of the cells that score sub-models, and what the cache spent."""
-    searches = sorted(
-        {
-            (
-                c.prune_config.masks_per_round,
-                c.prune_config.calib_samples,
-                c.prune_config.prune_fraction,
-                c.prune_config.compensate,
-            )
-            for c in grid.unique_cells()
-            if scores_submodels(c.prune_config)
-        }
-    )
+    searches: dict[tuple[int, int, float], list[bool]] = {}
+    for c in grid.unique_cells():
+        if scores_submodels(c.prune_config):
+            pc = c.prune_config
+            budget = (pc.masks_per_round, pc.calib_samples, pc.prune_fraction)
+            searches.setdefault(budget, []).append(pc.compensate)
     if not searches:
         return []
     budgets = "; ".join(
         f"{masks} sub-models per round x {calib} calibration problems, {100 * fraction:g}% of "
-        "the parameters removed per round, "
-        + ("least-squares compensation before each slice" if compensate else "no compensation")
-        for masks, calib, fraction, compensate in searches
+        f"the parameters removed per round, {_compensation(compensated)}"
+        for (masks, calib, fraction), compensated in sorted(searches.items())
     )
     scored = sum(
         (r.get("sampling") or {}).get("n_scored", 0)
@@ -189,6 +182,18 @@ def _search_line(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
         for r in (record.prune_report or {}).get("rounds") or []
     )
     return [f"- Search (Bonsai cells): {budgets}; {scored} sub-model evaluations in the cache."]
+
+
+def _compensation(compensated: list[bool]) -> str:
+    """Whether a budget's cells refit before each slice, naming the exceptions."""
+    if all(compensated):
+        return "least-squares compensation before each slice"
+    if not any(compensated):
+        return "no compensation"
+    return (
+        "least-squares compensation before each slice "
+        f"(not in {compensated.count(False)} of its {len(compensated)} cells)"
+    )
 
 
 def _table(cells: list[Cell], records: dict[str, CellRecord], dense: CellRecord) -> list[str]:
