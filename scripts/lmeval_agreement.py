@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from bonsai_prune.core.metrics import LM_EVAL_RULES, flexible_accuracy, strict_accuracy
 from bonsai_prune.eval.stats import wilson_interval
 from bonsai_prune.export.lmeval import (
@@ -114,12 +116,22 @@ def _share(hits: list[float]) -> dict:
     return {"mean": sum(hits) / len(hits), "ci": [low, high], "n": len(hits)}
 
 
+def _common_prefix(a: str, b: str) -> int:
+    """How many leading characters two texts share."""
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+
 def compare(lm_dir: Path, ours_dir: Path, task_name: str = SAME_PROMPT_TASK) -> dict:
     """Both tools' accuracies, same-text share, and rule agreement on lm-eval's generations."""
     lm = _lm_eval_samples(lm_dir, task_name)
     ours = [json.loads(x) for x in (ours_dir / "generations.jsonl").read_text().splitlines()]
     ours = [row for row in ours if row["index"] in lm]
-    same = [float(row["prediction"].strip() == lm[row["index"]]["text"].strip()) for row in ours]
+    texts = [(row["prediction"].strip(), lm[row["index"]]["text"].strip()) for row in ours]
+    same = [float(a == b) for a, b in texts]
+    # where greedy texts part: late (bf16 rounding between two code paths) or at once (a
+    # different model); the dense model's rarely part, a pruned one's low margins part sooner
+    parted = [_common_prefix(a, b) for a, b in texts if a != b]
     # this project's rules on lm-eval's text, taken as finished (lm-eval cut it at its stop)
     ours_on_lm = [strict_accuracy(lm[r["index"]]["text"], r["reference"]) for r in ours]
     lm_strict = [lm[r["index"]]["strict-match"] for r in ours]
@@ -141,6 +153,10 @@ def compare(lm_dir: Path, ours_dir: Path, task_name: str = SAME_PROMPT_TASK) -> 
             for name, rule in LM_EVAL_RULES.items()
         },
         "same_generation": _share(same),
+        "diverged_at_char": {
+            "median": float(np.median(parted)) if parted else None,
+            "n": len(parted),
+        },
         "strict_rule_agreement_on_lm_eval_text": _share(
             [float(a == b) for a, b in zip(ours_on_lm, lm_strict, strict=True)]
         ),

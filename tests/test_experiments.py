@@ -552,6 +552,7 @@ def test_the_report_shows_lm_eval_agreements_stored_beside_the_cells(tmp_path):
         "bonsai_prune_strict_match": {**share, "mean": 0.007},
         "bonsai_prune_flexible_extract": {**share, "mean": 0.03},
         "same_generation": {**share, "mean": 0.9},
+        "diverged_at_char": {"median": 253.0, "n": 31},
         "prompt": "chat",
         "dtype": "bf16",
     }
@@ -561,8 +562,8 @@ def test_the_report_shows_lm_eval_agreements_stored_beside_the_cells(tmp_path):
     report = write_report(load_grid(path)).read_text(encoding="utf-8")
     assert "## lm-evaluation-harness on the same problems and prompt" in report
     assert (
-        "| dense | 300 | chat, bf16 | 0.3 [1.1, 4.7] | 2.3 [1.1, 4.7] | 0.7 / 3.0 | n/a / n/a | 90 |"
-        in report
+        "| dense | 300 | chat, bf16 | 0.3 [1.1, 4.7] | 2.3 [1.1, 4.7] | 0.7 / 3.0 | n/a / n/a | 90 "
+        "| 253 |" in report
     )
 
 

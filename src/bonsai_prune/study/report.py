@@ -272,7 +272,7 @@ def _lm_eval_table(grid: Grid) -> list[str]:
         "model", "n", "prompt, dtype",
         "lm-eval strict-match %", "lm-eval flexible-extract %",
         "ours, lm-eval's rules: strict-match / flexible-extract %",
-        "ours, our rules: strict / flexible %", "same text %",
+        "ours, our rules: strict / flexible %", "same text %", "texts part at char (median)",
     ]  # fmt: skip
     lines = [
         "",
@@ -281,7 +281,10 @@ def _lm_eval_table(grid: Grid) -> list[str]:
         "lm-eval (`--model hf`, the model folder loaded by plain transformers, the offline task "
         "with this evaluation's prompt) against this project's evaluation of the same model: "
         "`python scripts/lmeval_agreement.py --model FOLDER --prompt chat --shots 0 --ours "
-        "CELL/eval --out OUT/lmeval/NAME`. Accuracies in % with 95% Wilson intervals.",
+        "CELL/eval --out OUT/lmeval/NAME`. Accuracies in % with 95% Wilson intervals. Where "
+        "the two greedy texts differ, the median character where they part: bf16 rounding "
+        "differs between the two code paths, and a near-tie between two tokens, more common "
+        "in a pruned model, turns it into another text from there on.",
         "",
         *table_head(headers),
     ]
@@ -305,7 +308,8 @@ def _lm_eval_table(grid: Grid) -> list[str]:
             f"| {share('lm_eval_strict_match')} | {share('lm_eval_flexible_extract')} "
             f"| {pair('bonsai_prune_strict_match', 'bonsai_prune_flexible_extract')} "
             f"| {pair('bonsai_prune_strict', 'bonsai_prune_flexible')} "
-            f"| {number(scaled((a.get('same_generation') or {}).get('mean'), 100), '.0f')} |"
+            f"| {number(scaled((a.get('same_generation') or {}).get('mean'), 100), '.0f')} "
+            f"| {number((a.get('diverged_at_char') or {}).get('median'), '.0f')} |"
         )
     return lines
 
