@@ -8,6 +8,8 @@ it does not run must say why, and the project's generation then falls back to tr
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from test_adapter_contract import FAMILIES, build, ids_and_mask, uneven_keep
@@ -194,6 +196,35 @@ def test_other_hooks_and_lora_fall_back():
     peft = pytest.importorskip("peft")
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert why_not_lean(lora.base_model.model) is not None
+
+
+def test_a_model_whose_decode_copies_would_not_fit_falls_back(monkeypatch):
+    """The decoder lays the weights out again; where that copy would take over half the free
+    memory (a large model on a small machine), transformers decodes instead. A model whose
+    copies exist already keeps them."""
+    from bonsai_prune.models import decoding
+
+    model = build("llama")
+    copies = sum(m.weight.nbytes for m in model.modules() if isinstance(m, torch.nn.Linear))
+    monkeypatch.setattr(decoding, "available_memory", lambda: 2 * copies)
+    assert why_not_lean(model) is None
+    monkeypatch.setattr(decoding, "available_memory", lambda: 2 * copies - 1)
+    assert "would take over half the free memory" in why_not_lean(model)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        greedy_decode(model, ids, mask, 2, pad_token_id=0)  # its copies built: it fits now
+    assert why_not_lean(model) is None
+    monkeypatch.setattr(decoding, "available_memory", lambda: None)  # unknown: lean
+    decoding.release_fused(model)
+    assert why_not_lean(model) is None
+
+
+def test_available_memory_reads_this_machine():
+    from bonsai_prune.models.decoding import available_memory
+
+    if not os.path.exists("/proc/meminfo"):
+        pytest.skip("no /proc/meminfo: the free memory is unknown here, and the decoder lean")
+    assert 2**20 < available_memory() < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,9 @@ the same weights in a short loop per layer:
   version in oneDNN's packed layout where the CPU build has it (:func:`_pack`): ``F.linear``
   re-lays a weight out on each call, which a step of a few rows pays for every weight.
   ``scripts/packed_ab.py`` on the packaged model (dense and a 50% slice, 1 and 16 rows, 2
-  cores): 1.45-1.84x faster steps in fp32, the same greedy tokens; the copies of o, down and
-  the LM head cost their size in memory while a model decodes (``release_fused`` frees them);
+  cores): 1.45-1.84x faster steps in fp32, the same greedy tokens. The copies cost the
+  weights' size in memory while a model decodes (``release_fused`` frees them); a model whose
+  copies would take over half the free memory is decoded by transformers instead;
 - K/V are written in place into a (B, n_kv, L, d) buffer: no cache objects, no concatenation;
 - uneven GQA groups (a sliced layer's ``kv_head_index``) need no K/V gather: a decode step has
   one query per head, so a K/V head's query heads are laid along SDPA's *query* axis, padded to
@@ -76,6 +77,34 @@ def why_not_lean(model) -> str | None:
             linears += [attn.q_proj, attn.k_proj, attn.v_proj]
         if any(type(linear) is not nn.Linear for linear in linears):
             return "a projection is not a plain nn.Linear (an adapter such as LoRA is attached)"
+    return _why_not_room(model)
+
+
+def _why_not_room(model) -> str | None:
+    """None if the decoder's copies of ``model``'s weights (fused, packed) fit in half the
+    memory free now, else why not: a model that fills the machine's memory is decoded by
+    transformers, slower, rather than not at all. A model whose copies exist already fits."""
+    if model in _FUSED:
+        return None
+    copies = sum(m.weight.nbytes for m in model.modules() if isinstance(m, nn.Linear))
+    free = available_memory()
+    if free is None or copies <= free // 2:
+        return None
+    return (
+        f"its decode copies of the weights ({copies / 2**30:.1f} GiB) would take over half "
+        f"the free memory ({free / 2**30:.1f} GiB): transformers' generate decodes it"
+    )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux's MemAvailable; None where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return None
 
 
