@@ -241,8 +241,9 @@ def _validity_table(cells: list[Cell], records: dict[str, CellRecord]) -> list[s
         sampled = [r.get("sampling") or {} for r in rounds]
         scored = sum(s.get("n_scored", 0) for s in sampled)
         early = sum(s.get("stopped") not in (None, "budget") for s in sampled)
+        name = cell.label if cell.group == MAIN_GROUP else f"{cell.group} / {cell.label}"
         rows.append(
-            f"| {cell.label} | {cell.prune_config.sparsity:g} | {cell.prune_config.seed} "
+            f"| {name} | {cell.prune_config.sparsity:g} | {cell.prune_config.seed} "
             f"| {per_round} | {flagged} of {len(checks)} | {scored} ({early} of {len(rounds)}) |"
         )
     if not rows:
