@@ -395,6 +395,12 @@ def cell_dir(grid: Grid, key: str) -> Path:
     return grid.out / "cells" / key
 
 
+def read_records(grid: Grid) -> dict[str, CellRecord]:
+    """key -> :func:`read_cell` for the dense model and every cell the report shows."""
+    keys = dict.fromkeys([grid.dense_key, *(c.key for c in grid.report_cells())])
+    return {key: read_cell(grid, key) for key in keys}
+
+
 def read_cell(grid: Grid, key: str) -> CellRecord:
     """What the cache holds for ``key`` (nothing is loaded but JSON)."""
     folder = cell_dir(grid, key)

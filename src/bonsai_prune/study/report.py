@@ -22,6 +22,7 @@ from bonsai_prune.study.comparisons import (
     paired_lines,
     summary_lines,
 )
+from bonsai_prune.study.estimate import time_left
 from bonsai_prune.study.figures import ci_text, number, scaled, spread, table_head
 from bonsai_prune.study.grid import (
     DENSE_LABEL,
@@ -30,7 +31,7 @@ from bonsai_prune.study.grid import (
     CellRecord,
     ExperimentResult,
     Grid,
-    read_cell,
+    read_records,
     scores_submodels,
 )
 from bonsai_prune.study.plots import plot_main
@@ -71,7 +72,7 @@ def write_report(source: ExperimentResult | Grid, out_dir: str | Path | None = N
     out = Path(out_dir) if out_dir is not None else (grid.report_dir or grid.out)
     out.mkdir(parents=True, exist_ok=True)
     shown = grid.report_cells()  # each recovered cell followed by its recovery
-    records = {key: read_cell(grid, key) for key in {c.key for c in shown} | {grid.dense_key}}
+    records = read_records(grid)
     dense = records[grid.dense_key]
     lines = _header(grid, records, source)
     main = [c for c in shown if c.group == MAIN_GROUP]
@@ -134,7 +135,7 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         f"{format_weights(e.weights)}; 95% percentile-bootstrap CIs ({e.n_bootstrap} resamples).",
         *_search_line(grid, records),
         f"- Cells: {len(runs)} runs + dense; {done} done, {failed} failed, "
-        f"{len(runs) - done - failed} not run yet.",
+        f"{len(runs) - done - failed} not run yet; {time_left(grid, records).text()}.",
         f"- Wall time in the cache: {_hours(prune_s + eval_s)} "
         f"(pruning and recovery {_hours(prune_s)}, evaluation {_hours(eval_s)})"
         + (

@@ -21,6 +21,7 @@ from bonsai_prune.models.loading import load_model, resolve_dtype
 from bonsai_prune.models.pruned import is_pruned_dir, load_pruned
 from bonsai_prune.recover import recover
 from bonsai_prune.rundir import files as io
+from bonsai_prune.study.estimate import time_left
 from bonsai_prune.study.grid import (
     DENSE_LABEL,
     FULL_EVAL_DIR,
@@ -33,6 +34,7 @@ from bonsai_prune.study.grid import (
     full_eval_keys,
     load_grid,
     read_cell,
+    read_records,
     recovered_key,
 )
 
@@ -63,6 +65,7 @@ def run_experiment(
     _upgrade_cache(grid)
     _add_answer_probs(grid, load, progress)
     print(f"experiment {grid.path}: {len(cells)} cell(s) + dense -> {grid.out}", flush=True)
+    print(f"the whole grid: {time_left(grid, read_records(grid)).text()}", flush=True)
     outcomes = [_run_dense(grid, load, progress)]
     print(f"[dense] {_cell_line(grid, None, outcomes[0])}", flush=True)
     if grid.full_eval:  # the dense model's whole-split figures do not wait for the grid
@@ -85,8 +88,7 @@ def run_experiment(
             line = _cell_line(grid, cell, outcome, RECOVERED_SUFFIX)
             print(f"[{number}/{len(cells)}] {line}", flush=True)
     if grid.full_eval:
-        records = {c.key: read_cell(grid, c.key) for c in grid.report_cells()}
-        for key in full_eval_keys(grid, records)[1:]:  # the dense model's ran first
+        for key in full_eval_keys(grid, read_records(grid))[1:]:  # the dense model's ran first
             outcomes.append(_run_full_eval(grid, key, load, progress))
     return ExperimentResult(grid, outcomes, time.perf_counter() - began)
 
