@@ -401,7 +401,7 @@ def test_cached_evaluations_without_the_answer_probability_gain_it(
     assert after[0]["answer_prob"] == pytest.approx(saved[0]["answer_prob"])
     assert after[1]["answer_prob"] == pytest.approx(saved[1]["answer_prob"])
     assert after[2]["answer_prob"] is None
-    assert f"their weights are not in the cache: {keys[2]}" in capsys.readouterr().out
+    assert f"left without (weights not in the cache): {keys[2]}" in capsys.readouterr().out
 
     # an evaluation its saved model does not reproduce is refused once, then not retried
     lines = (evals[1] / "generations.jsonl").read_text().splitlines()

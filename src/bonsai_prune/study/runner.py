@@ -111,8 +111,7 @@ def _add_answer_probs(grid: Grid, load: Loader, progress: bool) -> None:
     line and left; an evaluation its saved model does not reproduce is marked (``REFUSED``) so
     that later starts do not pay for the same refusal."""
     todo: dict[str, list[Path]] = {}
-    for key in dict.fromkeys([grid.dense_key, *(c.key for c in grid.report_cells())]):
-        record = read_cell(grid, key)
+    for key, record in read_records(grid).items():
         for name, summary in (("eval", record.summary), (FULL_EVAL_DIR, record.full_summary)):
             folder = cell_dir(grid, key) / name
             if summary and "config" in summary and summary.get("answer_prob") is None:
@@ -122,10 +121,8 @@ def _add_answer_probs(grid: Grid, load: Loader, progress: bool) -> None:
         k for k in todo if k != grid.dense_key and not is_pruned_dir(cell_dir(grid, k) / "run")
     ]
     if weightless:
-        print(
-            f"[answer prob.] left without, their weights are not in the cache: {', '.join(weightless)}",
-            flush=True,
-        )
+        names = ", ".join(weightless)
+        print(f"[answer prob.] left without (weights not in the cache): {names}", flush=True)
     for key in (k for k in todo if k not in weightless):
         try:
             model, tokenizer, _ = _load_evaluated(grid, key, grid.eval_config, load)
