@@ -89,6 +89,41 @@ def test_finercut_removes_whole_sublayers(results):
     assert all(0 <= s["js"] <= math.log(2) for s in result.details["removed_sublayers"])
 
 
+def test_finercut_trial_forwards_start_at_their_layer_with_the_same_numbers(tokenizer):
+    """A candidate's forward starts at its layer from the recorded inputs (the layers below
+    pass through): exactly the whole forward's divergence, so the greedy picks as before."""
+    from bonsai_prune.methods import finercut
+
+    model = tiny_model(tokenizer)
+    adapter = adapter_for(model)
+    context = PruneContext.create(model, tokenizer, CONFIG, progress=False)
+    batch = context.make_batch(1)
+    reference = list(finercut.log_prob_chunks(model, finercut.target_hidden(model, batch)))
+    layout = adapter.layout(model)
+    keep = torch.ones(layout.n_units, dtype=torch.bool)
+    keep[layout.modules[1].units] = False  # layer 0's MLP removed so far
+    start = finercut.LayerInputs.record(model, adapter, batch, keep)
+    for module in layout.modules[2:]:  # layer 1's sub-layers
+        trial = keep.clone()
+        trial[module.units] = False
+        whole = finercut.mean_divergence(model, adapter, batch, trial, reference)
+        started = finercut.mean_divergence(
+            model, adapter, batch, trial, reference, start, module.layer
+        )
+        assert started == whole and module.layer == 1
+    assert all("forward" not in vars(layer) for layer in adapter._layers(model))  # restored
+
+
+def test_finercut_picks_the_same_sublayers_with_whole_forwards(results, tokenizer, monkeypatch):
+    from bonsai_prune.methods import finercut
+
+    monkeypatch.setattr(finercut.LayerInputs, "record", classmethod(lambda *a: None))
+    _, whole, _ = run_method("finercut", tokenizer)
+    started = results["finercut"][1]
+    assert whole.details["removed_sublayers"] == started.details["removed_sublayers"]
+    assert torch.equal(whole.keep, started.keep)
+
+
 # ---- scoring rules: pure functions -----------------------------------------------------------
 
 
