@@ -248,6 +248,58 @@ def test_an_evaluation_saved_without_the_answer_probability_gains_it(
     assert not add_answer_probabilities(tmp_path, tiny_model, tokenizer, progress=False)
 
 
+class Killed(Exception):
+    """Stands for the process being killed mid-evaluation."""
+
+
+def test_a_killed_evaluation_resumes_at_its_first_unfinished_batch(
+    tiny_model, tokenizer, tmp_path, monkeypatch
+):
+    """Finished batches are journaled; run again, the evaluation generates only the rest and
+    equals an uninterrupted one. A line the kill cut short is redone; another model's journal
+    is not used; the journal goes once the results are written."""
+    from bonsai_prune.eval import gsm8k
+    from bonsai_prune.eval.journal import JOURNAL
+
+    config = EvalConfig(limit=5, max_new_tokens=3, batch_size=2, weights=TINY_WEIGHTS,
+                        n_bootstrap=50)  # fmt: skip
+    whole = evaluate(config, model=tiny_model, tokenizer=tokenizer, progress=False)
+    real, calls = gsm8k.generate_greedy, []
+
+    def dies_on_the_third_batch(*args, **kwargs):
+        calls.append(args[2].shape[0])
+        if len(calls) == 3:
+            raise Killed
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gsm8k, "generate_greedy", dies_on_the_third_batch)
+    with pytest.raises(Killed):
+        evaluate(config, model=tiny_model, tokenizer=tokenizer, out_dir=tmp_path, progress=False)
+    journal = tmp_path / JOURNAL
+    assert len(journal.read_text().splitlines()) == 3  # the header and two batches
+    assert not (tmp_path / "summary.json").exists()
+    with journal.open("a") as handle:
+        handle.write('{"start": 4, "texts": ["cut sh')  # a write the kill interrupted
+    calls.clear()
+    resumed = evaluate(config, model=tiny_model, tokenizer=tokenizer, out_dir=tmp_path,
+                       progress=False)  # fmt: skip
+    assert calls == [1]  # the last batch only (5 prompts: 2 + 2 + 1)
+    assert resumed.records == whole.records
+    assert not journal.exists()
+
+    # a journal written for other weights is not taken
+    with pytest.raises(Killed):
+        calls.clear()
+        evaluate(config, model=tiny_model, tokenizer=tokenizer, out_dir=tmp_path, progress=False)
+    other = type(tiny_model)(tiny_model.config)  # same shapes, other weights
+    calls.clear()
+    monkeypatch.setattr(
+        gsm8k, "generate_greedy", lambda *a: calls.append(a[2].shape[0]) or real(*a)
+    )
+    evaluate(config, model=other, tokenizer=tokenizer, out_dir=tmp_path, progress=False)
+    assert calls == [2, 2, 1]
+
+
 def test_evaluate_is_deterministic_and_sizes_a_model_directory(tiny_model, tokenizer, tmp_path):
     tiny_model.save_pretrained(tmp_path / "model_dir")
     config = EvalConfig(

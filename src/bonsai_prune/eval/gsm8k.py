@@ -33,6 +33,7 @@ from bonsai_prune.data.calibration import build_batch
 from bonsai_prune.data.problems import Problem, load_gsm8k
 from bonsai_prune.data.prompts import exemplars, format_prompt
 from bonsai_prune.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
+from bonsai_prune.eval.journal import JOURNAL, BatchJournal, text_digest, weights_digest
 from bonsai_prune.eval.stats import CI_LEVEL, bootstrap_ci, wilson_interval
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import DEFAULT_MODEL, load_model, packaged_gguf
@@ -86,10 +87,13 @@ def generate_solutions(
     batch_size: int,
     stop: str = "none",
     progress: bool = True,
+    journal: BatchJournal | None = None,
 ) -> Generations:
     """Greedy generation in batches of prompts sorted by length (less padding), order restored.
 
     stop: "none" (end of sequence) or "question" (also at a new "Question:", cut there).
+    journal: batches already done are taken from it, new ones recorded in it (a killed
+    evaluation resumes; ``eval.journal``).
     """
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])  # longest first: OOM shows early
@@ -100,6 +104,14 @@ def generate_solutions(
     with tqdm(total=len(prompts), desc="generating", unit="problem", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
+            if journal is not None and start in journal.done:
+                done = journal.done[start]
+                for i, row in enumerate(rows):
+                    texts[row], counts[row] = done["texts"][i], done["counts"][i]
+                    finished[row] = done["finished"][i]
+                seconds += done["seconds"]
+                bar.update(len(rows))
+                continue
             batch = tokenizer(
                 [prompts[i] for i in rows],
                 add_special_tokens=False,
@@ -115,10 +127,19 @@ def generate_solutions(
                 max_new_tokens,
                 stop,
             )
-            seconds += time.perf_counter() - began
+            spent = time.perf_counter() - began
+            seconds += spent
             for i, row in enumerate(rows):
                 texts[row] = generated.texts[i].strip()
                 counts[row], finished[row] = generated.n_tokens[i], generated.finished[i]
+            if journal is not None:
+                journal.record(
+                    start,
+                    [texts[r] for r in rows],
+                    [counts[r] for r in rows],
+                    [finished[r] for r in rows],
+                    spent,
+                )
             bar.update(len(rows))
     return Generations(texts, counts, finished, seconds)
 
@@ -201,6 +222,11 @@ def evaluate(
     problems = first_problems(config.split, config.limit)
     shots = exemplars(config.shots)
     prompts = [format_prompt(tokenizer, p.question, config.prompt, shots) for p in problems]
+    journal = None
+    if out_dir is not None:  # a killed evaluation resumes at its first unfinished batch
+        identity = {"config": config.to_dict(), "weights": weights_digest(model),
+                    "prompts": text_digest(prompts)}  # fmt: skip
+        journal = BatchJournal(Path(out_dir) / JOURNAL, identity)
     generations = generate_solutions(
         model,
         tokenizer,
@@ -209,6 +235,7 @@ def evaluate(
         batch_size=config.batch_size,
         stop="question" if config.prompt == "plain" else "none",
         progress=progress,
+        journal=journal,
     )
     nll, answer_probs = _reference_pass(model, tokenizer, problems, config, progress)
     scores = score_texts(
@@ -227,6 +254,7 @@ def evaluate(
     result = EvalResult(summary=summary, records=records)
     if out_dir is not None:
         write_result(result, Path(out_dir))
+        journal.discard()
     return result
 
 
