@@ -473,7 +473,8 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
     tmp_path, tokenizer, monkeypatch
 ):
     """full_eval: true evaluates the dense model and, per sparsity, the main model with the
-    highest U† again on the whole split (here 3 problems, patched, to stay fast), into
+    highest U† again on the whole split (here 3 problems, patched, to stay fast) once every
+    main cell at that sparsity has finished, into
     eval-full/; the report (in the grid's `report` folder) shows them beside the dense model;
     a second run finds them cached. Evaluations made before lm-eval's rules gain them."""
     import dataclasses
@@ -502,8 +503,12 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     calls = Calls(monkeypatch, tokenizer)
     first = run_experiment(path, progress=False, load=calls.load)
-    # dense, dense on the whole split, 3 cells, then the best at 0.1 and at 0.2 on the whole split
-    assert [o.status for o in first.outcomes] == ["ran"] * 7
+    # dense and its whole split, then each sparsity's best on the whole split as soon as every
+    # main cell at that sparsity has finished (0.2 after its two seeds, before the 0.1 cell);
+    # the end of the grid finds both cached
+    whole = [o.label.endswith("on the whole split") for o in first.outcomes]
+    assert whole == [False, True, False, False, True, False, True, True, True]
+    assert [o.status for o in first.outcomes] == ["ran"] * 7 + ["cached"] * 2
     assert calls.counts["evaluate"] == 7
     cells = {c.key: c for c in first.grid.cells if c.group == "main"}
     out = tmp_path / "out" / "cells"

@@ -430,6 +430,18 @@ def full_eval_keys(grid: Grid, records: dict[str, CellRecord]) -> list[str]:
     return [grid.dense_key, *(best[s] for s in sorted(best))]
 
 
+def settled_best_keys(grid: Grid, records: dict[str, CellRecord]) -> dict[float, str]:
+    """:func:`best_main_keys` at the sparsities whose every main cell and recovery has
+    finished: their best is final, so its whole-split evaluation need not wait for the rest of
+    the grid (a study that runs out of time still has it)."""
+    pending = {
+        cell.prune_config.sparsity
+        for cell in grid.report_cells()
+        if cell.group == MAIN_GROUP and not (records.get(cell.key) and records[cell.key].done)
+    }
+    return {s: key for s, key in best_main_keys(grid, records).items() if s not in pending}
+
+
 def best_main_keys(grid: Grid, records: dict[str, CellRecord]) -> dict[float, str]:
     """sparsity -> the finished main-group model (prune or recovery) with the highest U† on the
     grid's problems. U† picks because accuracy at this scale is a few percent and ties."""

@@ -36,6 +36,7 @@ from bonsai_prune.study.grid import (
     read_cell,
     read_records,
     recovered_key,
+    settled_best_keys,
 )
 
 Loader = Callable[..., tuple]  # (spec, *, dtype, device) -> (model, tokenizer), like load_model
@@ -87,6 +88,11 @@ def run_experiment(
             outcomes.append(outcome)
             line = _cell_line(grid, cell, outcome, RECOVERED_SUFFIX)
             print(f"[{number}/{len(cells)}] {line}", flush=True)
+        if grid.full_eval:  # a sparsity whose main cells have all finished: its best, now
+            records = read_records(grid)
+            for key in settled_best_keys(grid, records).values():
+                if records[key].full_summary is None:
+                    outcomes.append(_run_full_eval(grid, key, load, progress))
     if grid.full_eval:
         for key in full_eval_keys(grid, read_records(grid))[1:]:  # the dense model's ran first
             outcomes.append(_run_full_eval(grid, key, load, progress))
