@@ -253,7 +253,7 @@ class Killed(Exception):
 
 
 def test_a_killed_evaluation_resumes_at_its_first_unfinished_batch(
-    tiny_model, tokenizer, tmp_path, monkeypatch
+    tiny_model, tokenizer, tmp_path, monkeypatch, capsys
 ):
     """Finished batches are journaled; run again, the evaluation generates only the rest and
     equals an uninterrupted one. A line the kill cut short is redone; another model's journal
@@ -284,6 +284,7 @@ def test_a_killed_evaluation_resumes_at_its_first_unfinished_batch(
     resumed = evaluate(config, model=tiny_model, tokenizer=tokenizer, out_dir=tmp_path,
                        progress=False)  # fmt: skip
     assert calls == [1]  # the last batch only (5 prompts: 2 + 2 + 1)
+    assert f"resuming {tmp_path}: 4 of 5 problems generated before" in capsys.readouterr().err
     assert resumed.records == whole.records
     assert not journal.exists()
 

@@ -227,6 +227,10 @@ def evaluate(
         identity = {"config": config.to_dict(), "weights": weights_digest(model),
                     "prompts": text_digest(prompts)}  # fmt: skip
         journal = BatchJournal(Path(out_dir) / JOURNAL, identity)
+        if journal.done:
+            done = sum(len(entry["texts"]) for entry in journal.done.values())
+            print(f"resuming {out_dir}: {done} of {len(prompts)} problems generated before",
+                  file=sys.stderr, flush=True)  # fmt: skip
     generations = generate_solutions(
         model,
         tokenizer,
