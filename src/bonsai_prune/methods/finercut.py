@@ -111,27 +111,21 @@ class LayerInputs:
     @torch.no_grad()
     def record(cls, model, adapter, batch: CalibrationBatch, keep: torch.Tensor) -> LayerInputs:
         layers = adapter._layers(model)
-        inputs: list[list[torch.Tensor]] = []
+        inputs: list[list[torch.Tensor]] = []  # one list per row chunk of target_hidden's
         outputs: list[object] = []
 
         def keep_input(module, args, kwargs):
+            if module is layers[0]:  # a new row chunk's forward begins
+                inputs.append([])
             inputs[-1].append(args[0] if args else kwargs["hidden_states"])
 
         handles = [
             layer.register_forward_pre_hook(keep_input, with_kwargs=True) for layer in layers
         ]
         handles.append(layers[-1].register_forward_hook(lambda m, a, out: outputs.append(out)))
-        decoder = model.get_decoder()
         try:
             with adapter.apply_masks(model, keep):
-                for first in range(0, batch.input_ids.shape[0], ROWS_PER_FORWARD):
-                    inputs.append([])
-                    rows = slice(first, first + ROWS_PER_FORWARD)
-                    decoder(
-                        input_ids=batch.input_ids[rows],
-                        attention_mask=batch.attention_mask[rows],
-                        use_cache=False,
-                    )
+                target_hidden(model, batch)
         finally:
             for handle in handles:
                 handle.remove()
