@@ -35,6 +35,30 @@ def tiny_llama_for(tokenizer, seed: int = 0, layers: int = 2):
     return model
 
 
+def tiny_llama_over(tokenizer, seed: int = 0, tied: bool = True):
+    """:func:`tiny_llama` built on ``tokenizer``'s vocabulary and special tokens, 2,048
+    positions: for tests that generate real text. Untied, its greedy text varies (a tied random
+    model repeats the prompt's last token)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=tied,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

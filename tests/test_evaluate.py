@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import tiny_llama_over
 
 from bonsai_prune.config import EvalConfig
 from bonsai_prune.data.problems import load_gsm8k
@@ -144,24 +145,7 @@ def test_plain_k_shot_stops_at_the_next_question_and_takes_the_first_answer(toke
 
 @pytest.fixture(scope="module")
 def tiny_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=True,
-        max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_over(tokenizer)
 
 
 def test_evaluate_tiny_model_writes_files_and_sane_figures(tiny_model, tokenizer, tmp_path):

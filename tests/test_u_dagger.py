@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import tiny_llama_over
 
 from bonsai_prune import config as config_module
 from bonsai_prune.config import UtilityConfig
@@ -24,36 +25,10 @@ from bonsai_prune.utility.generation import generate_greedy
 
 
 @pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    tok.padding_side = "left"
-    return tok
-
-
-@pytest.fixture(scope="module")
 def model(tokenizer):
     """A tiny random Llama over the real vocabulary; untied, so its greedy text varies (a tied
     random model repeats the prompt's last token)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        tie_word_embeddings=False,
-        max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_over(tokenizer, tied=False)
 
 
 @pytest.fixture(scope="module")

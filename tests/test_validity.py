@@ -109,15 +109,6 @@ def test_tied_betas_are_removed_by_prior_rank_not_by_position():
 # --- a round with a constant utility -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir)
-    tok.padding_side = "left"
-    return tok
-
-
 def test_a_constant_utility_prunes_by_the_prior_within_modules_and_warns(tokenizer):
     model = tiny_llama(seed=5)
     model.resize_token_embeddings(len(tokenizer))
