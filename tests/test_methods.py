@@ -124,6 +124,74 @@ def test_finercut_picks_the_same_sublayers_with_whole_forwards(results, tokenize
     assert torch.equal(whole.keep, started.keep)
 
 
+class _Killed(Exception):
+    """Stands in for a kill between two of FinerCut's checkpoints."""
+
+
+def test_finercut_killed_between_removals_resumes_to_the_same_model(tokenizer, tmp_path):
+    """Each removal is checkpointed in the run directory; ``resume`` takes the saved ones as
+    made and continues: the same removals, keep mask and weights as an uninterrupted run."""
+    from bonsai_prune import prune
+    from bonsai_prune.methods import finercut
+    from bonsai_prune.rundir import run as rundir
+
+    config = PruneConfig(**{**CONFIG.to_dict(), "method": "finercut", "sparsity": 0.4})
+    trials = []  # sub-models scored, per run
+    real_divergence = finercut.mean_divergence
+
+    def run(out, **kwargs):
+        model = tiny_llama_for(tokenizer, layers=4)
+        trials.append(0)
+
+        def counted(*args, **kw):
+            trials[-1] += 1
+            return real_divergence(*args, **kw)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(finercut, "mean_divergence", counted)
+            return prune(
+                config, model=model, tokenizer=tokenizer, out_dir=out, progress=False, **kwargs
+            )
+
+    whole = run(tmp_path / "whole")
+    removed = whole.report["method_details"]["removed_sublayers"]
+    assert len(removed) >= 2  # a kill after the first removal leaves work to resume
+
+    saved = []
+    real_save = rundir.save_checkpoint
+
+    def save_then_die(out, state):
+        if saved:
+            raise _Killed
+        real_save(out, state)
+        saved.append(state)
+
+    killed = tmp_path / "killed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(rundir, "save_checkpoint", save_then_die)
+        with pytest.raises(_Killed):
+            run(killed)
+    assert len(rundir.load_checkpoint(killed)["steps"]) == 1
+    assert not (killed / "model").exists()
+
+    resumed = run(killed, resume=True)
+    assert resumed.report["resumed_from_checkpoint"] is True
+    assert trials[2] < trials[0]  # the saved removal's candidates were not scored again
+    assert resumed.report["method_details"]["removed_sublayers"] == removed
+    assert torch.equal(resumed.keep_masks[0], whole.keep_masks[0])
+    expected = whole.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_resume_of_a_method_without_checkpoints_is_refused(tokenizer, tmp_path):
+    from bonsai_prune import RunDirectoryError, prune
+
+    config = PruneConfig(**{**CONFIG.to_dict(), "method": "wanda"})
+    with pytest.raises(RunDirectoryError, match="one-shot: rerun it with --overwrite"):
+        prune(config, tokenizer=tokenizer, out_dir=tmp_path, progress=False, resume=True)
+
+
 # ---- scoring rules: pure functions -----------------------------------------------------------
 
 

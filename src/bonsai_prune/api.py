@@ -101,7 +101,7 @@ def prune(
         raise RunDirectoryError("resume needs the run directory (out_dir)")
     if resume and not getattr(method, "resumes", False):
         raise RunDirectoryError(
-            f"--resume applies to iterative methods; {config.method!r} is one-shot: "
+            f"--resume applies to methods that save their progress; {config.method!r} is one-shot: "
             "rerun it with --overwrite"
         )
     with rundir.locked(out) if out is not None else contextlib.nullcontext():
@@ -139,6 +139,7 @@ def _run(
     """The run proper, holding the run directory (if any)."""
     done = rundir.prepare_out_dir(out, config, resume=resume, overwrite=overwrite) if out else 0
     completed = [_saved_round(out, index) for index in range(1, done + 1)] if out else []
+    checkpoint = rundir.load_checkpoint(out) if out is not None and resume else None
 
     t0 = time.perf_counter()
     if model is None:
@@ -157,6 +158,7 @@ def _run(
         utility=score,
         progress=progress,
         completed_rounds=completed,
+        checkpoint=checkpoint,
         workers=workers or WorkersConfig(),
     )
     adapter, make_batch = context.adapter, context.make_batch
@@ -177,6 +179,7 @@ def _run(
         "total_params_before": sum(p.numel() for p in model.parameters()),
         "method": config.method,
         "resumed_after_round": done if resume else None,
+        "resumed_from_checkpoint": checkpoint is not None,
         "rounds": [figures for _, figures in completed],
         **_dtype_and_device(model),
     }
@@ -190,6 +193,14 @@ def _run(
                 atomic_write_json(out / "report.json", report, fault="report")
 
     context.on_round = save_round
+
+    def save_checkpoint(state: dict) -> None:
+        if out is not None:
+            with interrupts_deferred():  # Ctrl-C stops between steps, never inside the file
+                _start_run_files(out, config, report)
+                rundir.save_checkpoint(out, state)
+
+    context.on_checkpoint = save_checkpoint
     result = method(context)
     if not result.round_figures:  # one-shot: its keep mask is the whole record
         report["method_seconds"] = result.seconds

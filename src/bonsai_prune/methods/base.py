@@ -55,6 +55,10 @@ class PruneContext:
     # resume: the (keep mask, figures) of rounds a previous run completed, in order
     completed_rounds: list[tuple[torch.Tensor, dict]] = field(default_factory=list)
     on_round: Callable[[Any], None] | None = None  # called with each finished round (saving)
+    # a one-shot method that checkpoints between its steps (FinerCut): what an interrupted run
+    # last saved (resume), and the call that saves a JSON-safe state (None: nothing is saved)
+    checkpoint: dict | None = None
+    on_checkpoint: Callable[[dict], None] | None = None
     workers: WorkersConfig = field(default_factory=WorkersConfig)  # where sub-models are scored
     compensation: Compensation | None = None  # refit before every slice (config.compensate)
 

@@ -23,13 +23,15 @@ adds nothing to the residual stream). Cost: one forward of the calibration batch
 remaining candidate per step, about n_steps x n_sub-layers forwards, each with the LM head
 applied at the solution positions only; a candidate's forward starts at its own layer from
 the inputs recorded once per step (:class:`LayerInputs`), about half a forward on average.
+The slowest method here, so each removal is checkpointed in the run directory and ``--resume``
+continues after the last one.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import NamedTuple
 
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 
 from bonsai_prune.config import PruneConfig
 from bonsai_prune.data.calibration import CalibrationBatch
-from bonsai_prune.errors import PruningError
+from bonsai_prune.errors import PruningError, RunDirectoryError
 from bonsai_prune.methods.base import (
     METHODS,
     MethodResult,
@@ -46,7 +48,6 @@ from bonsai_prune.methods.base import (
     finish,
     prior_scores,
     prune_to_target,
-    refuse_resume,
 )
 from bonsai_prune.models.adapter import HEADS, NEURONS, ModuleUnits
 from bonsai_prune.models.compensation import slice_units
@@ -200,11 +201,21 @@ def candidate_sublayers(adapter, modules, units: str) -> list[ModuleUnits]:
 
 
 def greedy_removals(
-    model, adapter, batch, config: PruneConfig, n_before: int, progress: bool
+    model,
+    adapter,
+    batch,
+    config: PruneConfig,
+    n_before: int,
+    progress: bool,
+    checkpoint: dict | None = None,
+    on_step: Callable[[dict], None] | None = None,
 ) -> Removals:
     """Virtually remove the least-divergent sub-layer, step by step, while it fits the budget.
 
     ``next_sublayer`` is None when whole sub-layers spent the budget to within tolerance.
+    checkpoint: what ``on_step`` saved in an interrupted run (its removals are taken as made;
+    the search is deterministic, so it ends where an uninterrupted one does); on_step: called
+    with a JSON-safe state after each removal.
     """
     budget, slack = config.sparsity * n_before, config.tolerance * n_before
     layout = adapter.layout(model)
@@ -223,6 +234,18 @@ def greedy_removals(
     keep = torch.ones(layout.n_units, dtype=torch.bool)
     removed, steps, thin = 0.0, [], None
     checked: bool | None = None  # whether a started forward equals a whole one (checked once)
+    if checkpoint is not None:
+        steps, checked = list(checkpoint["steps"]), checkpoint["checked"]
+        for step in steps:
+            module = next((m for m in candidates if m.name == step["module"]), None)
+            if module is None or float(costs[module.units].sum()) != step["params"]:
+                raise RunDirectoryError(
+                    f"the saved FinerCut step {step['module']!r} does not fit this model; "
+                    "use a new --out"
+                )
+            keep[module.units] = False
+            removed += float(costs[module.units].sum())
+            candidates.remove(module)
     bar = tqdm(desc="finercut", unit="sub-model", disable=not progress)
     try:
         while candidates and budget - removed > slack:
@@ -251,6 +274,8 @@ def greedy_removals(
             removed += cost
             candidates.remove(best)
             steps.append({"module": best.name, "js": divergence, "params": int(cost)})
+            if on_step is not None:
+                on_step({"method": "finercut", "steps": steps, "checked": checked})
     finally:
         bar.close()
     return Removals(keep, steps, thin)
@@ -260,11 +285,15 @@ def greedy_removals(
 def finercut(context: PruneContext) -> MethodResult:
     """Remove whole attention / MLP sub-layers by least output change, to ``config.sparsity``."""
     started = time.perf_counter()
-    refuse_resume(context, "finercut")
     model, adapter, config = context.model, context.adapter, context.config
     n_before = adapter.count_parameters(model)
     batch = context.make_batch(1)
-    keep, steps, thin = greedy_removals(model, adapter, batch, config, n_before, context.progress)
+    saved = context.checkpoint
+    if saved is not None and saved.get("method") != "finercut":
+        raise RunDirectoryError("--resume: the run's checkpoint is not FinerCut's; use a new --out")
+    keep, steps, thin = greedy_removals(
+        model, adapter, batch, config, n_before, context.progress, saved, context.on_checkpoint
+    )
     slice_units(adapter, model, keep, context.compensation)
     thinned = None
     if thin is not None:
@@ -297,3 +326,6 @@ def finercut(context: PruneContext) -> MethodResult:
         reference="unpruned model",
         divergence="jensen-shannon (nats), mean over solution positions",
     )
+
+
+finercut.resumes = True  # type: ignore[attr-defined]  # api.prune: --resume continues its greedy

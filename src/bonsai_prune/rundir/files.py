@@ -9,7 +9,8 @@ Fault injection (tests only): ``BONSAI_PRUNE_FAULT=<point>[@N][:INT]`` makes :fu
 kill the process with SIGKILL the N-th time the run reaches that write point (SIGINT with
 ``:INT``), so a test can crash a run exactly there and check that ``--resume`` recovers. Points
 (each reached with the file written under its temporary name, not yet renamed in):
-``config``, ``round_tensors``, ``round_json``, ``report`` (after a round), ``model_files`` (the model folder),
+``config``, ``round_tensors``, ``round_json``, ``report`` (after a round), ``checkpoint`` (a
+one-shot method's progress), ``model_files`` (the model folder),
 ``model_swap`` (old model renamed aside, new one not yet in), ``report_final``.
 """
 

@@ -7,6 +7,8 @@ Layout::
       report.json            figures of the run; "complete": true only once it has finished
       rounds/round_001.safetensors   keep masks sampled, utilities, beta, kept units
       rounds/round_001.json          the round's figures
+      checkpoint.json        a long one-shot method's progress (FinerCut: the sub-layers
+                             removed so far), so --resume continues it
       model/                 the pruned model (HF files + bonsai_structure.json) and tokenizer
 
 Loading never executes code from the directory: configs are JSON, tensors are safetensors.
@@ -38,11 +40,13 @@ from bonsai_prune.rundir.files import (
 )
 from bonsai_prune.utility.references import SELF_REFERENCES_FILE
 
+CHECKPOINT_FILE = "checkpoint.json"
 RUN_ENTRIES = (
     "config.json",
     "report.json",
     "rounds",
     "keep.safetensors",
+    CHECKPOINT_FILE,
     MODEL_DIR,
     SELF_REFERENCES_FILE,
 )
@@ -63,6 +67,17 @@ def load_round(out: Path, index: int) -> tuple[dict[str, torch.Tensor], dict]:
     return load_file(str(round_path(out, index, "safetensors"))), read_json(
         round_path(out, index, "json")
     )
+
+
+def save_checkpoint(out: Path, state: dict) -> None:
+    """Replace the method's checkpoint (JSON-safe ``state``) in one atomic write."""
+    atomic_write_json(Path(out) / CHECKPOINT_FILE, state, fault="checkpoint")
+
+
+def load_checkpoint(out: Path) -> dict | None:
+    """The checkpoint a run in ``out`` last saved, or None."""
+    path = Path(out) / CHECKPOINT_FILE
+    return read_json(path) if path.is_file() else None
 
 
 def completed_rounds(out: Path) -> int:
