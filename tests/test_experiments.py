@@ -453,6 +453,7 @@ def test_a_recovered_cell_is_distilled_evaluated_cached_and_reported(
     report = write_report(first).read_text(encoding="utf-8")
     assert "| random + recovery |" in report and "flexible acc. %" in report
     assert "(pruning and recovery " in report
+    assert "1 done, 0 failed, 0 not run yet; 1 of their 1 recoveries done;" in report
 
     second = run_experiment(path, progress=False, load=calls.load)
     assert [o.status for o in second.outcomes] == ["cached"] * 3

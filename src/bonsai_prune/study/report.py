@@ -32,6 +32,7 @@ from bonsai_prune.study.grid import (
     ExperimentResult,
     Grid,
     read_records,
+    recovered_key,
     scores_submodels,
 )
 from bonsai_prune.study.plots import plot_main
@@ -117,6 +118,8 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
     n = n if n is not None else next((r.summary["n"] for r in records.values() if r.summary), "?")
     runs = [records[c.key] for c in grid.unique_cells()]
     done = sum(r.done for r in runs)
+    recoveries = [recovered_key(grid, c.key) for c in grid.unique_cells() if c.recover]
+    recovered = sum(k in records and records[k].done for k in recoveries)
     failed = sum(r.error is not None and not r.done for r in runs)
     trained = {c.key for c in grid.report_cells()}  # prunes and recoveries
     prune_s = sum(records[k].run_seconds or 0.0 for k in trained if records[k].pruned)
@@ -135,7 +138,8 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         f"{format_weights(e.weights)}; 95% percentile-bootstrap CIs ({e.n_bootstrap} resamples).",
         *_search_line(grid, records),
         f"- Cells: {len(runs)} runs + dense; {done} done, {failed} failed, "
-        f"{len(runs) - done - failed} not run yet; {time_left(grid, records).text()}.",
+        f"{len(runs) - done - failed} not run yet; {recovered} of their {len(recoveries)} "
+        f"recoveries done; {time_left(grid, records).text()}.",
         f"- Wall time in the cache: {_hours(prune_s + eval_s)} "
         f"(pruning and recovery {_hours(prune_s)}, evaluation {_hours(eval_s)})"
         + (
