@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bonsai_prune.config import PruneConfig
+from bonsai_prune.core.row_blocks import by_row_blocks
 from bonsai_prune.data.calibration import CalibrationBatch
 from bonsai_prune.errors import PruningError, RunDirectoryError
 from bonsai_prune.methods.base import (
@@ -52,7 +53,7 @@ from bonsai_prune.methods.base import (
 from bonsai_prune.models.adapter import HEADS, NEURONS, ModuleUnits
 from bonsai_prune.models.compensation import slice_units
 
-ROWS_PER_FORWARD = 8
+ROWS_PER_FORWARD = 4  # rows of similar length per forward, cut to the longest (less padding)
 POSITIONS_PER_CHUNK = 256  # LM-head rows at a time: 256 x vocab floats per log-prob chunk
 
 
@@ -65,7 +66,12 @@ class Removals(NamedTuple):
 
 
 def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence (n,) in nats between rows of log-probabilities (n, V)."""
+    """Jensen-Shannon divergence (n,) in nats between rows of log-probabilities (n, V), a
+    block of rows at a time (:mod:`bonsai_prune.core.row_blocks`)."""
+    return by_row_blocks(_row_js, log_p, log_q)
+
+
+def _row_js(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     log_m = torch.logaddexp(log_p, log_q) - math.log(2)  # (n, V) log of the midpoint
     kl_pm = (log_p.exp() * (log_p - log_m)).sum(-1)  # (n,)
     kl_qm = (log_q.exp() * (log_q - log_m)).sum(-1)
@@ -76,23 +82,30 @@ def js_divergence(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def target_hidden(
     model, batch: CalibrationBatch, start: LayerInputs | None = None, layer: int = 0
 ) -> torch.Tensor:
-    """Final hidden states (n_target, H) at the positions that predict solution tokens.
+    """Final hidden states (n_target, H) at the positions that predict solution tokens, the
+    rows taken longest first (every call the same order).
 
+    Rows run in chunks of similar length, each cut to its longest row: a third of a padded
+    GSM8K calibration batch is padding (8 problems: 2,560 positions for 1,707 tokens; in
+    chunks of 4, 1,992). Right padding assumed, as the calibration batches have it.
     start, layer: begin at decoder layer ``layer`` from ``start``'s recorded inputs (the
     layers below pass their input through): the same numbers as a whole forward when nothing
     below ``layer`` differs from what ``start`` recorded, for a fraction of its cost."""
     decoder = model.get_decoder()
+    lengths = batch.attention_mask.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
     hidden = []
-    for chunk, first in enumerate(range(0, batch.input_ids.shape[0], ROWS_PER_FORWARD)):
-        rows = slice(first, first + ROWS_PER_FORWARD)
+    for chunk, first in enumerate(range(0, len(order), ROWS_PER_FORWARD)):
+        rows = order[first : first + ROWS_PER_FORWARD]
+        width = int(lengths[rows].max())
         skip = nullcontext() if start is None else start.begin_at(layer, chunk)
         with skip:
             out = decoder(
-                input_ids=batch.input_ids[rows],
-                attention_mask=batch.attention_mask[rows],
+                input_ids=batch.input_ids[rows, :width],
+                attention_mask=batch.attention_mask[rows, :width],
                 use_cache=False,
-            ).last_hidden_state  # (b, L, H)
-        hidden.append(out[batch.target_mask[rows]])
+            ).last_hidden_state  # (b, width, H)
+        hidden.append(out[batch.target_mask[rows, :width]])
     return torch.cat(hidden)
 
 

@@ -9,18 +9,26 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bonsai_prune.core.row_blocks import by_row_blocks
+
 
 def distill_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """Mean over tokens of T^2 * KL(softmax(t/T) || softmax(s/T)); a scalar.
 
-    student_logits, teacher_logits: (n_tokens, V), any float dtype (computed in fp32).
+    student_logits, teacher_logits: (n_tokens, V), any float dtype (computed in fp32, a block
+    of rows at a time: :mod:`bonsai_prune.core.row_blocks`).
     """
+    kl = by_row_blocks(lambda s, t: _row_kl(s, t, temperature), student_logits, teacher_logits)
+    return kl.mean() * temperature**2
+
+
+def _row_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) per row (n,), in fp32."""
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (n, V)
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (n, V)
-    kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)  # (n,)
-    return kl.mean() * temperature**2
+    return F.kl_div(s, t, log_target=True, reduction="none").sum(-1)
 
 
 def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
