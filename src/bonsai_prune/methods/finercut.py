@@ -176,9 +176,23 @@ class LayerInputs:
 @torch.no_grad()
 def log_prob_chunks(model, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
     """Next-token log-probabilities (c, V), float32, for successive chunks of ``hidden``."""
+    for logits in logit_chunks(model, hidden):
+        yield _log_probs(logits)
+
+
+def logit_chunks(model, hidden: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The LM head's logits (c, V) for successive chunks of ``hidden``, in the model's dtype."""
     head = model.get_output_embeddings()
     for start in range(0, hidden.shape[0], POSITIONS_PER_CHUNK):
-        yield head(hidden[start : start + POSITIONS_PER_CHUNK]).float().log_softmax(-1)
+        yield head(hidden[start : start + POSITIONS_PER_CHUNK])
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float().log_softmax(-1)
+
+
+def _row_js_of_logits(log_p: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return _row_js(log_p, _log_probs(logits))
 
 
 @torch.no_grad()
@@ -197,8 +211,10 @@ def mean_divergence(
     with adapter.apply_masks(model, keep):
         hidden = target_hidden(model, batch, start, layer)
     total = 0.0
-    for ref, log_q in zip(reference, log_prob_chunks(model, hidden), strict=True):
-        total += float(js_divergence(ref, log_q).sum())
+    for ref, logits in zip(reference, logit_chunks(model, hidden), strict=True):
+        # the log-softmax inside each block of rows too: a chunk's log-probabilities are
+        # never materialised whole
+        total += float(by_row_blocks(_row_js_of_logits, ref, logits).sum())
     value = total / max(hidden.shape[0], 1)
     return value if math.isfinite(value) else math.inf
 
