@@ -24,6 +24,12 @@ from bonsai_prune.errors import BonsaiPruneError
 from bonsai_prune.models.loading import DTYPES
 from bonsai_prune.validation import check_out_dir, check_out_file
 
+DESCRIPTION = (
+    "Forward-only structured pruning of LLMs for math reasoning: Bonsai (sub-models scored "
+    "with forward passes only, by perplexity or U† on GSM8K), baselines, recovery by "
+    "distillation, evaluation and export. 'bonsai-prune COMMAND --help' for each command."
+)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a usage mistake on one line (and exits 2, as argparse does)."""
@@ -36,7 +42,7 @@ SCORE_FIELDS = ("weights", "accuracy", "lexical")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="bonsai-prune", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="bonsai-prune", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = commands.add_parser("prune", help="prune a model (Bonsai or a baseline method)")
