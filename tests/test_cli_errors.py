@@ -161,3 +161,21 @@ def _run(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as e:  # argparse reports usage errors by exiting
         return int(e.code)
+
+
+@pytest.mark.parametrize(
+    "argv, kept",
+    [
+        (["evaluate", "--out", "x"], "finished batches are kept; run the same command to resume"),
+        (["bench"], "nothing was written"),
+    ],
+)
+def test_ctrl_c_says_what_the_command_kept(monkeypatch, capsys, argv, kept):
+    from bonsai_prune import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_cmd_{argv[0]}", interrupted)
+    assert cli.main(argv) == 130
+    assert capsys.readouterr().err.strip() == f"bonsai-prune: interrupted; {kept}"

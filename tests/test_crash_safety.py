@@ -138,7 +138,8 @@ def test_ctrl_c_stops_after_the_round_being_written(tmp_path, run_args, whole):
     stopped = _prune(run_args, out, fault="round_json@2:INT")
     assert stopped.returncode == 130
     assert stopped.stderr.strip().splitlines()[-1] == (
-        "bonsai-prune: interrupted; completed rounds are kept (rerun with --resume)"
+        "bonsai-prune: interrupted; completed rounds (FinerCut: removals) are kept; "
+        "rerun with --resume"
     )
     assert (out / "rounds" / "round_002.json").is_file()  # the round finished its files
     assert json.loads((out / "report.json").read_text())["rounds"][-1]["index"] == 2

@@ -62,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the closing check (held-out perplexity and decode speed, dense vs pruned)",
     )
-    p.set_defaults(handler=_cmd_prune)
+    p.set_defaults(
+        handler=_cmd_prune,
+        kept="completed rounds (FinerCut: removals) are kept; rerun with --resume",
+    )
 
     p = commands.add_parser("recover", help="distil a pruned run from its dense parent")
     p.add_argument("run", help="run directory of a pruned model (bonsai-prune prune --out)")
@@ -72,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_cmd_recover)
+    p.set_defaults(handler=_cmd_recover, kept="the last checkpoint is kept; rerun with --resume")
 
     p = commands.add_parser(
         "export", help="write a pruned model for other runtimes: llama.cpp GGUF, lm-eval task"
@@ -93,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_options(p, EvalConfig)
     p.add_argument("--out", required=True, help="directory for summary.json and generations.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(handler=_cmd_evaluate)
+    p.set_defaults(
+        handler=_cmd_evaluate,
+        kept="finished batches are kept; run the same command to resume",
+    )
 
     p = commands.add_parser(
         "bench", help="measure evaluation speed, GEMM use, decode speed-up, memory"
@@ -124,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model and, with full_eval, the whole-split evaluations of the best models so far)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(handler=_cmd_experiment)
+    p.set_defaults(handler=_cmd_experiment, kept="finished cells are kept; run it again to resume")
     return parser
 
 
@@ -300,11 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except BonsaiPruneError as e:
         print(f"bonsai-prune: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(
-            "bonsai-prune: interrupted; completed rounds are kept (rerun with --resume)",
-            file=sys.stderr,
-        )
+    except KeyboardInterrupt:  # each command says what it had saved
+        kept = getattr(args, "kept", "nothing was written")
+        print(f"bonsai-prune: interrupted; {kept}", file=sys.stderr)
         return 130
 
 
