@@ -4,9 +4,10 @@ A float32 row over the packaged model's vocabulary (49,152 tokens) is 197 KB. An
 chain over n such rows (a log-softmax, exponentials, products, a sum per row) streams every
 intermediate through main memory; 32 rows (6 MB) stay in a 32 MB L3 cache from one op of the
 chain to the next. Measured on 2 cores: KL(teacher || student) over 1,500 rows, forward and
-backward, 1.30 s -> 0.26 s; Jensen-Shannon over 256 rows 156 -> 27 ms. Each row is computed
-alone either way, so the values do not change (bit for bit on that machine; where a block has
-fewer rows than the machine has threads, a row's sum may be split across threads and round
+backward, 1.30 s -> 0.26 s; FinerCut's Jensen-Shannon over a candidate's 773 positions 399 ->
+91 ms (blocks of 64 rows: 285 ms, past the cache; of 16: 82 ms). Each row is computed alone
+either way, so the values do not change (bit for bit on that machine; where a block has fewer
+rows than the machine has threads, a row's sum may be split across threads and round
 differently in the last bit).
 """
 
