@@ -47,13 +47,7 @@ def solution_nll(model, batch: CalibrationBatch, rows_per_chunk: int = 4) -> tor
         attn = batch.attention_mask[rows, :width]
         target = batch.target_mask[rows, :width]
         hidden = decoder(input_ids=ids, attention_mask=attn).last_hidden_state  # (b, L, H)
-        logits = head(hidden[target])  # (n_scored, V)
-        labels = torch.roll(ids, shifts=-1, dims=1)[target]  # (n_scored,)
-        token_nll = token_nlls(logits, labels)
-        row = torch.nonzero(target)[:, 0]  # which problem of the chunk each scored token is
-        sums = torch.zeros(len(rows), device=ids.device).index_add_(0, row, token_nll)
-        counts = target.sum(1)  # (b,)
-        nll[rows] = torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan)
+        nll[rows] = _target_nll(head, hidden, ids, target)
     return nll
 
 
