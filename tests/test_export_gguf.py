@@ -8,12 +8,13 @@ import stat
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import tiny_llama, tiny_llama_for, tiny_llama_over
 from test_export_hf import _pruned
 
+from bonsai_prune.errors import ConfigError
 from bonsai_prune.export.equal_groups import plan_equal_groups, rewrite_heads
-from bonsai_prune.export.gguf_writer import export_gguf, permute_rotary
-from bonsai_prune.export.llamacpp_speed import greedy_tokens
+from bonsai_prune.export.gguf_writer import export_gguf, pad_mlp, permute_rotary
+from bonsai_prune.export.llamacpp_speed import compare_decode_speed, greedy_tokens, weight_bytes
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.pruned import save_model
 
@@ -101,15 +102,35 @@ def test_gguf_has_deci_per_layer_arrays(tmp_path, tokenizer, dtype):
     # zero head) over 2 K/V heads, which costs less than 3 single-head groups
     assert fields["deci.attention.head_count"] == [1, 4, 4]
     assert fields["deci.attention.head_count_kv"] == [1, 2, 2]
-    assert fields["deci.feed_forward_length"] == [96, 56, 89]
+    # Q8_0 pads each MLP with zero neurons to a multiple of 32, so ffn_down quantises
+    widths = [96, 56, 89] if dtype == "f16" else [96, 64, 96]
+    assert fields["deci.feed_forward_length"] == widths
     assert fields["deci.attention.key_length"] == 16
     names = {t.name for t in reader.tensors}
+    down_types = {t.tensor_type.name for t in reader.tensors if t.name.endswith("ffn_down.weight")}
+    assert down_types == ({"F16"} if dtype == "f16" else {"Q8_0"})
     assert "output.weight" not in names  # tied embedding
     assert "blk.0.attn_q.weight" in names  # the one zero head of the emptied layer 0
     assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("width", [1, 31, 32, 33, 89])
+def test_zero_neurons_pad_the_mlp_without_changing_it(width):
+    torch.manual_seed(width)
+    gate, up, down = torch.randn(width, 64), torch.randn(width, 64), torch.randn(64, width)
+    x = torch.randn(5, 64, dtype=torch.float64)  # float64: only the summation order differs
+    gate, up, down = gate.double(), up.double(), down.double()
+
+    def mlp(g, u, d):
+        return (torch.nn.functional.silu(x @ g.T) * (x @ u.T)) @ d.T
+
+    padded = pad_mlp(gate, up, down, 32)
+    assert padded[0].shape[0] % 32 == 0 and padded[0].shape[0] - width < 32
+    assert padded[2].shape == (64, padded[0].shape[0])
+    torch.testing.assert_close(mlp(*padded), mlp(gate, up, down), rtol=1e-12, atol=1e-12)
 
 
 def test_unknown_dtype_is_refused(tmp_path):
@@ -150,3 +171,52 @@ def test_llama_cpp_greedy_tokens_match_hf(tmp_path, tokenizer):
             logits = hf.logits[j][0]  # (V,) the HF logits where the two first differ
             margin = float(logits[expected[j]] - logits[got[j]])
             assert j >= 8 and margin < 0.05, (prompt, j, margin)
+
+
+def _dense_folder(tmp_path, tokenizer, tied: bool):
+    """A dense tiny Llama on the packaged vocabulary, saved as a plain Hugging Face folder."""
+    model = tiny_llama_over(tokenizer, seed=2, tied=tied)
+    folder = tmp_path / f"dense-{tied}"
+    model.save_pretrained(folder, safe_serialization=True)
+    return model, folder
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_bytes_are_the_parameters_a_decode_step_reads(tmp_path, tokenizer, tied):
+    """f16: 2 bytes per matrix weight, 4 per norm weight; an untied model's embedding is not
+    read whole (one row per token), its separate head is."""
+    model, folder = _dense_folder(tmp_path, tokenizer, tied)
+    path = export_gguf(folder, tmp_path / "m.gguf", dtype="f16")
+    params = dict(model.named_parameters())  # a tied head is the embedding, listed once
+    if not tied:
+        del params["model.embed_tokens.weight"]
+    expected = sum((2 if p.dim() == 2 else 4) * p.numel() for p in params.values())
+    assert weight_bytes(path) == expected
+
+
+def test_comparing_one_gguf_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="at least two"):
+        compare_decode_speed({"dense": tmp_path / "m.gguf"})
+
+
+def test_llama_cpp_compare_decode_speed_pairs_rounds(tmp_path, tokenizer):
+    """Every round times both models; each ratio is that round's dense over pruned ms/token,
+    and the ceiling is the ratio of the two files' weight bytes."""
+    pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)"
+    )
+    dense_folder = tmp_path / "dense"
+    tiny_llama_for(tokenizer, seed=1, layers=3).save_pretrained(dense_folder)  # _pruned's parent
+    _, pruned_folder = _real_vocab_pruned(tmp_path, tokenizer)
+    paths = {
+        "dense": export_gguf(dense_folder, tmp_path / "dense.gguf"),
+        "pruned": export_gguf(pruned_folder, tmp_path / "pruned.gguf"),
+    }
+    result = compare_decode_speed(paths, n_tokens=4, rounds=3)
+    ms = result.ms_per_token
+    assert result.baseline == "dense" and set(result.speedup) == {"pruned"}
+    assert len(ms["dense"]) == len(ms["pruned"]) == 3 and min(ms["dense"] + ms["pruned"]) > 0
+    for ratio, d, p in zip(result.speedup["pruned"], ms["dense"], ms["pruned"], strict=True):
+        assert ratio == pytest.approx(d / p)
+    nbytes = result.weight_bytes
+    assert result.ceiling["pruned"] == nbytes["dense"] / nbytes["pruned"] > 1

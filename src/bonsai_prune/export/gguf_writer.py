@@ -12,6 +12,8 @@ file itself with the ``gguf`` package:
 - uneven GQA groups rewritten exactly into equal contiguous ones (:mod:`.equal_groups`);
 - a layer whose MLP is empty but whose attention is not gets a 1-wide MLP with zero weights
   (llama.cpp skips the rest of a layer, attention output included, when its FFN width is 0);
+- in Q8_0, MLP widths padded with zero neurons to a multiple of 32 (:func:`pad_mlp`): Q8_0
+  quantises rows in blocks of 32, and a pruned width left ``ffn_down`` in f16, twice the bytes;
 - tokenizer keys copied from a dense GGUF of the same vocabulary (the packaged one by default);
 - no output tensor when the embedding is tied (llama.cpp then reuses token_embd).
 """
@@ -33,6 +35,7 @@ from bonsai_prune.rundir.files import make_readable
 
 ARCH = "deci"
 DTYPES = ("f16", "q8_0")
+Q8_BLOCK = 32  # Q8_0 quantises a row 32 values at a time: rows of other lengths stay f16
 TOKENIZER_PREFIXES = ("tokenizer.",)
 
 
@@ -204,6 +207,9 @@ def _write_layers(
                 down.new_zeros(down.shape[0], 1),
             )
             width = 1
+        if dtype == "q8_0" and width % Q8_BLOCK:
+            gate, up, down = pad_mlp(gate, up, down, Q8_BLOCK)
+            width = gate.shape[0]
         if width > 0:
             _add_tensor(
                 writer,
@@ -216,6 +222,20 @@ def _write_layers(
             _add_tensor(writer, f"blk.{i}.ffn_down.weight", down, dtype)
         shapes.append((n_q, n_kv, width))
     return shapes
+
+
+def pad_mlp(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, multiple: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gate, up (width x hidden) and down (hidden x width) widened with zero neurons to a
+    multiple of ``multiple``: a zero neuron's act(0) x 0 meets a zero column of down, so the
+    MLP's output is exactly the same, and every row of down splits into whole blocks."""
+    extra = -gate.shape[0] % multiple
+    return (
+        torch.cat([gate, gate.new_zeros(extra, gate.shape[1])]),
+        torch.cat([up, up.new_zeros(extra, up.shape[1])]),
+        torch.cat([down, down.new_zeros(down.shape[0], extra)], dim=1),
+    )
 
 
 def _write_hparams(
@@ -248,7 +268,7 @@ def _add_tensor(writer, name: str, tensor: torch.Tensor, dtype: str) -> None:
     data = tensor.detach().float().cpu().numpy()
     if data.ndim == 1:
         writer.add_tensor(name, data.astype(np.float32))
-    elif dtype == "q8_0" and data.shape[-1] % 32 == 0:
+    elif dtype == "q8_0" and data.shape[-1] % Q8_BLOCK == 0:
         kind = gguf.GGMLQuantizationType.Q8_0
         writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
     else:
