@@ -1,7 +1,7 @@
 """The lean decoder (models/decoding.py) against transformers' generate, for every family.
 
 A family the decoder runs must give the same greedy tokens as ``model.generate`` with left
-padding, uneven GQA groups, an emptied attention layer, sliding windows (Mistral's window is 4
+padding, uneven GQA groups, an emptied attention layer or MLP, sliding windows (Mistral's window is 4
 here, shorter than the sequences) and a batch of virtual masks (one sub-model per row); a family
 it does not run must say why, and the project's generation then falls back to transformers.
 """
@@ -79,6 +79,18 @@ def test_emptied_attention_layer_decodes_as_transformers(family):
     adapter = adapter_for(model)
     keep = uneven_keep(model)
     keep[adapter.layout(model).modules[0].units] = False
+    assert_sliced_decodes_as_transformers(model, keep)
+
+
+@pytest.mark.parametrize("family", LEAN)
+def test_emptied_mlp_decodes_as_transformers(family):
+    """FinerCut removes whole MLPs: a width-0 projection has no packed layout (oneDNN refuses
+    one; the study's first FinerCut evaluation stopped there)."""
+    model = build(family)
+    adapter = adapter_for(model)
+    keep = uneven_keep(model)
+    neurons = [m for m in adapter.layout(model).modules if m.kind == "neurons"]
+    keep[neurons[-1].units] = False
     assert_sliced_decodes_as_transformers(model, keep)
 
 

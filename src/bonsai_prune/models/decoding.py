@@ -28,10 +28,11 @@ the same weights in a short loop per layer:
   statistics) is called as a module.
 
 Greedy tokens equal transformers' ``generate`` (tested for every family that supports it, with
-left padding, uneven groups, emptied layers, sliding windows and batched masks). A family whose
-layers hold more than this (Gemma's soft-capping and post-norms, Phi-3's partial rotary) declares
-why in its adapter's ``lean_decoding`` and is decoded by transformers; so is a model with other
-hooks, adapters (peft) or on an accelerator, where transformers has its own compiled paths.
+left padding, uneven groups, emptied attention layers and MLPs, sliding windows and batched
+masks). A family whose layers hold more than this (Gemma's soft-capping and post-norms, Phi-3's
+partial rotary) declares why in its adapter's ``lean_decoding`` and is decoded by transformers;
+so is a model with other hooks, adapters (peft) or on an accelerator, where transformers has its
+own compiled paths.
 """
 
 from __future__ import annotations
@@ -153,9 +154,12 @@ def _packing_works() -> bool:
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
     """A copy of ``weight`` (out, in) in oneDNN's packed layout, laid out once; ``weight``
-    itself where the build, device or dtype has no packed path."""
+    itself where the build, device or dtype has no packed path, or where it is empty (an
+    emptied MLP: oneDNN has no layout for 0 rows or columns, and F.linear gives 0-wide
+    activations and exact zeros from them)."""
     if (
-        weight.device.type != "cpu"
+        weight.numel() == 0
+        or weight.device.type != "cpu"
         or weight.dtype not in (torch.float32, torch.bfloat16)
         or not _packing_works()
     ):
