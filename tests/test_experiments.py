@@ -307,6 +307,35 @@ TINY_GRID = {
 }
 
 
+def test_an_unexpected_error_fails_its_cell_and_the_grid_goes_on(tmp_path, tokenizer, monkeypatch):
+    """A bug in one cell (here the first evaluation after the dense one raises RuntimeError)
+    is recorded with its traceback; the next cell runs, and a re-run retries the failed one."""
+    path = tmp_path / "grid.yaml"
+    cells = [{"method": "random", "sparsities": [0.1, 0.2]}]
+    data = {**TINY_GRID, "cells": cells, "out": str(tmp_path / "out")}
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    calls = Calls(monkeypatch, tokenizer)
+    evaluate, seen = experiments.evaluate, []
+
+    def broken_once(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == 2:  # dense was the first
+            raise RuntimeError("a bug")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(experiments, "evaluate", broken_once)
+    first = run_experiment(path, progress=False, load=calls.load)
+    assert [o.status for o in first.outcomes] == ["ran", "failed", "ran"]
+    assert first.outcomes[1].error.startswith("RuntimeError: a bug (unexpected: traceback in ")
+    error = json.loads(
+        (tmp_path / "out" / "cells" / first.outcomes[1].key / "error.json").read_text()
+    )
+    assert error["error"] == "RuntimeError: a bug" and "broken_once" in "".join(error["traceback"])
+    monkeypatch.setattr(experiments, "evaluate", evaluate)
+    second = run_experiment(path, progress=False, load=calls.load)
+    assert [o.status for o in second.outcomes] == ["cached", "ran", "cached"]
+
+
 def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch):
     path = tmp_path / "grid.yaml"
     contrast = ["bonsai+perplexity", "random"]

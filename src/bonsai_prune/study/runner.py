@@ -8,6 +8,7 @@ caller's to write (:func:`bonsai_prune.study.report.write_report`), from the cac
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -243,7 +244,7 @@ def _run_cell(
             )
             model = pruned.model
         _evaluate_run(grid, run, model, tokenizer, folder, progress)
-    except BonsaiPruneError as e:
+    except Exception as e:  # one cell's failure, even a bug, must not stop the grid
         return _failed(folder, cell.key, cell.label, e, began)
     (folder / "error.json").unlink(missing_ok=True)
     return CellOutcome(cell.key, cell.label, "ran", time.perf_counter() - began)
@@ -275,7 +276,7 @@ def _run_recovery(grid: Grid, cell: Cell, progress: bool, fresh: bool = False) -
             model, tokenizer = result.model, result.tokenizer
         model = model.to(resolve_dtype(cell.prune_config.dtype, cell.prune_config.device))
         _evaluate_run(grid, run, model, tokenizer, folder, progress)
-    except BonsaiPruneError as e:
+    except Exception as e:  # as in _run_cell
         return _failed(folder, key, label, e, began)
     (folder / "error.json").unlink(missing_ok=True)
     return CellOutcome(key, label, "ran", time.perf_counter() - began)
@@ -320,8 +321,15 @@ def _evaluate_run(grid: Grid, run: Path, model, tokenizer, folder: Path, progres
 
 
 def _failed(folder: Path, key: str, label: str, error: Exception, began: float) -> CellOutcome:
+    """Record a failed cell (retried at the next run) and go on with the grid. An error of the
+    package's own says what to change; anything else is a bug, kept with its traceback in
+    ``error.json`` so that a night's grid does not stop at it."""
     message = f"{type(error).__name__}: {error}"
-    io.atomic_write_json(folder / "error.json", {"error": message})
+    record = {"error": message}
+    if not isinstance(error, BonsaiPruneError):
+        record["traceback"] = traceback.format_exception(error)
+        message += f" (unexpected: traceback in {folder / 'error.json'})"
+    io.atomic_write_json(folder / "error.json", record)
     return CellOutcome(key, label, "failed", time.perf_counter() - began, message)
 
 
