@@ -14,7 +14,12 @@ from test_export_hf import _pruned
 from bonsai_prune.errors import ConfigError
 from bonsai_prune.export.equal_groups import plan_equal_groups, rewrite_heads
 from bonsai_prune.export.gguf_writer import export_gguf, pad_mlp, permute_rotary
-from bonsai_prune.export.llamacpp_speed import compare_decode_speed, greedy_tokens, weight_bytes
+from bonsai_prune.export.llamacpp_speed import (
+    compare_decode_speed,
+    greedy_tokens,
+    quantize,
+    weight_bytes,
+)
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.pruned import save_model
 
@@ -88,10 +93,13 @@ def _real_vocab_pruned(tmp_path, tokenizer):
     return model, folder
 
 
-@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
-def test_gguf_has_deci_per_layer_arrays(tmp_path, tokenizer, dtype):
+@pytest.mark.parametrize(
+    "dtype, mlp_multiple, widths",
+    [("f16", None, [96, 56, 89]), ("q8_0", None, [96, 64, 96]), ("f16", 64, [128, 64, 128])],
+)
+def test_gguf_has_deci_per_layer_arrays(tmp_path, tokenizer, dtype, mlp_multiple, widths):
     _, folder = _real_vocab_pruned(tmp_path, tokenizer)
-    path = export_gguf(folder, tmp_path / "m.gguf", dtype=dtype)
+    path = export_gguf(folder, tmp_path / "m.gguf", dtype=dtype, mlp_multiple=mlp_multiple)
     reader = gguf.GGUFReader(str(path))
     fields = {
         k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")
@@ -102,8 +110,8 @@ def test_gguf_has_deci_per_layer_arrays(tmp_path, tokenizer, dtype):
     # zero head) over 2 K/V heads, which costs less than 3 single-head groups
     assert fields["deci.attention.head_count"] == [1, 4, 4]
     assert fields["deci.attention.head_count_kv"] == [1, 2, 2]
-    # Q8_0 pads each MLP with zero neurons to a multiple of 32, so ffn_down quantises
-    widths = [96, 56, 89] if dtype == "f16" else [96, 64, 96]
+    # Q8_0 pads each MLP with zero neurons to a multiple of 32 unless told otherwise, so that
+    # ffn_down quantises
     assert fields["deci.feed_forward_length"] == widths
     assert fields["deci.attention.key_length"] == 16
     names = {t.name for t in reader.tensors}
@@ -131,6 +139,11 @@ def test_zero_neurons_pad_the_mlp_without_changing_it(width):
     assert padded[0].shape[0] % 32 == 0 and padded[0].shape[0] - width < 32
     assert padded[2].shape == (64, padded[0].shape[0])
     torch.testing.assert_close(mlp(*padded), mlp(gate, up, down), rtol=1e-12, atol=1e-12)
+
+
+def test_mlp_multiple_below_one_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="mlp_multiple"):
+        export_gguf(tmp_path, tmp_path / "m.gguf", mlp_multiple=0)
 
 
 def test_unknown_dtype_is_refused(tmp_path):
@@ -220,3 +233,25 @@ def test_llama_cpp_compare_decode_speed_pairs_rounds(tmp_path, tokenizer):
         assert ratio == pytest.approx(d / p)
     nbytes = result.weight_bytes
     assert result.ceiling["pruned"] == nbytes["dense"] / nbytes["pruned"] > 1
+
+
+@pytest.mark.parametrize("mlp_multiple, down_types", [(1, {"Q8_0", "F16"}), (32, {"Q8_0"})])
+def test_llama_quantize_reaches_padded_mlps(tmp_path, tokenizer, mlp_multiple, down_types):
+    """llama.cpp's quantiser leaves a down projection of a pruned width (56, 89) in f16; padded
+    to a multiple of 32 every one quantises."""
+    pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)"
+    )
+    _, folder = _real_vocab_pruned(tmp_path, tokenizer)
+    f16 = export_gguf(folder, tmp_path / "m.gguf", mlp_multiple=mlp_multiple)
+    path = quantize(f16, tmp_path / "m.q8.gguf", "q8_0")
+    tensors = gguf.GGUFReader(str(path)).tensors
+    assert {t.tensor_type.name for t in tensors if t.name.endswith("ffn_down.weight")} == down_types
+
+
+def test_unknown_llama_cpp_type_is_refused(tmp_path):
+    pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python not installed (pip install llama-cpp-python)"
+    )
+    with pytest.raises(ConfigError, match="Q4_K_M"):
+        quantize(tmp_path / "m.gguf", tmp_path / "q.gguf", "q3_z")

@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or model folder")
     p.add_argument("--format", default="gguf", choices=["gguf", "lm-eval-task"])
     p.add_argument("--dtype", default="f16", choices=["f16", "q8_0"], help="GGUF weight type")
+    p.add_argument(
+        "--mlp-multiple",
+        type=int,
+        default=None,
+        help="GGUF: pad each MLP with zero neurons (exact) to a multiple of N; default 32 with "
+        "q8_0, 1 with f16; 256 lets llama-quantize's k-quants (Q4_K_M) reach the down projection",
+    )
     p.add_argument("--out", required=True, help="the .gguf file, or the task folder")
     p.set_defaults(handler=_cmd_export)
 
@@ -208,7 +215,8 @@ def _cmd_export(args) -> int:
     if args.format == "gguf":
         from bonsai_prune.export.gguf_writer import export_gguf
 
-        print(f"wrote {export_gguf(args.run, args.out, dtype=args.dtype)}")
+        path = export_gguf(args.run, args.out, dtype=args.dtype, mlp_multiple=args.mlp_multiple)
+        print(f"wrote {path}")
     else:
         from bonsai_prune.export.lmeval import (
             CHAT_TASK,

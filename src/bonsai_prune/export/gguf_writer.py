@@ -12,8 +12,9 @@ file itself with the ``gguf`` package:
 - uneven GQA groups rewritten exactly into equal contiguous ones (:mod:`.equal_groups`);
 - a layer whose MLP is empty but whose attention is not gets a 1-wide MLP with zero weights
   (llama.cpp skips the rest of a layer, attention output included, when its FFN width is 0);
-- in Q8_0, MLP widths padded with zero neurons to a multiple of 32 (:func:`pad_mlp`): Q8_0
-  quantises rows in blocks of 32, and a pruned width left ``ffn_down`` in f16, twice the bytes;
+- MLP widths padded with zero neurons to a multiple of ``mlp_multiple`` (:func:`pad_mlp`; 32 in
+  Q8_0 by default): Q8_0 quantises rows in blocks of 32, and a pruned width left ``ffn_down``
+  in f16, twice the bytes; llama-quantize's k-quants need 256;
 - tokenizer keys copied from a dense GGUF of the same vocabulary (the packaged one by default);
 - no output tensor when the embedding is tied (llama.cpp then reuses token_embd).
 """
@@ -44,6 +45,7 @@ def export_gguf(
     out_path: str | Path,
     dtype: str = "f16",
     tokenizer_gguf: str | Path | None = None,
+    mlp_multiple: int | None = None,
 ) -> Path:
     """Write ``model_dir`` (a run directory, its model/ folder, or a dense HF Llama folder) to
     ``out_path`` as a llama.cpp GGUF; returns the path. Written atomically, mode 0644.
@@ -51,11 +53,18 @@ def export_gguf(
     dtype: f16 (2-D weights f16, norms f32) or q8_0 (2-D weights whose rows are a multiple of
     32 long in Q8_0, the others f16). tokenizer_gguf: a dense GGUF whose tokenizer keys are
     copied (default: the packaged SmolLM2 GGUF, which fits only its own vocabulary).
+    mlp_multiple: pad every MLP with zero neurons to a multiple of this (exact, :func:`pad_mlp`);
+    default 32 in Q8_0 (its block), 1 in f16. llama-quantize leaves a down projection whose
+    width is not a multiple of 32 in f16, and its k-quants need 256.
     """
     import gguf
 
     if dtype not in DTYPES:
         raise ConfigError(f"GGUF dtype {dtype!r} is not supported; choose {' or '.join(DTYPES)}")
+    if mlp_multiple is None:
+        mlp_multiple = Q8_BLOCK if dtype == "q8_0" else 1
+    if mlp_multiple < 1:
+        raise ConfigError(f"mlp_multiple must be at least 1, got {mlp_multiple}")
     folder = _model_folder(Path(model_dir))
     config = dense_config_dict(folder)
     if config.get("model_type") != "llama":
@@ -75,7 +84,7 @@ def export_gguf(
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, ARCH)
-        layers = _write_layers(writer, state, structure, head_dim, dtype)
+        layers = _write_layers(writer, state, structure, head_dim, dtype, mlp_multiple)
         _write_hparams(writer, config, layers, head_dim, dtype)
         for field in tokenizer:
             writer.add_key_value(*field)
@@ -165,7 +174,7 @@ def _load_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _write_layers(
-    writer, state: dict, structure: dict, head_dim: int, dtype: str
+    writer, state: dict, structure: dict, head_dim: int, dtype: str, mlp_multiple: int
 ) -> list[tuple[int, int, int]]:
     """Add every block's tensors; return (query heads, K/V heads, FFN width) per layer."""
     shapes = []
@@ -207,8 +216,8 @@ def _write_layers(
                 down.new_zeros(down.shape[0], 1),
             )
             width = 1
-        if dtype == "q8_0" and width % Q8_BLOCK:
-            gate, up, down = pad_mlp(gate, up, down, Q8_BLOCK)
+        if width % mlp_multiple:
+            gate, up, down = pad_mlp(gate, up, down, mlp_multiple)
             width = gate.shape[0]
         if width > 0:
             _add_tensor(

@@ -135,6 +135,37 @@ def weight_bytes(gguf_path: str | Path) -> int:
     return sum(int(t.n_bytes) for t in tensors if not (untied and t.name == "token_embd.weight"))
 
 
+def quantize(source: str | Path, out: str | Path, kind: str, n_threads: int = 2) -> Path:
+    """``source`` (a GGUF) quantised to ``kind`` (llama.cpp's type name, e.g. ``Q4_K_M``) by
+    llama.cpp's own quantiser, as ``llama-quantize`` does: tensors whose rows do not split into
+    the type's blocks fall back to another type (a pruned MLP width to f16: export with
+    ``mlp_multiple``)."""
+    import ctypes
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ModelLoadError(
+            "quantising needs llama-cpp-python; install it: pip install llama-cpp-python"
+        ) from None
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
+    if ftype is None:
+        known = sorted(
+            n.removeprefix("LLAMA_FTYPE_MOSTLY_")
+            for n in dir(llama_cpp)
+            if n.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
+        raise ConfigError(f"unknown llama.cpp type {kind!r}; choose one of {', '.join(known)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = ftype, n_threads
+    out = Path(out)
+    if llama_cpp.llama_model_quantize(
+        str(source).encode(), str(out).encode(), ctypes.byref(params)
+    ):
+        raise ModelLoadError(f"llama.cpp could not quantise {source} to {kind}")
+    return out
+
+
 def _check_counts(n_tokens: int, repeats: int, n_threads: int) -> None:
     if n_tokens < 1 or repeats < 1 or n_threads < 1:
         raise ConfigError(
