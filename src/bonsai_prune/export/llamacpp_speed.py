@@ -142,12 +142,7 @@ def quantize(source: str | Path, out: str | Path, kind: str, n_threads: int = 2)
     ``mlp_multiple``)."""
     import ctypes
 
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ModelLoadError(
-            "quantising needs llama-cpp-python; install it: pip install llama-cpp-python"
-        ) from None
+    llama_cpp = _llama_cpp("quantising")
     ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}", None)
     if ftype is None:
         known = sorted(
@@ -174,14 +169,20 @@ def _check_counts(n_tokens: int, repeats: int, n_threads: int) -> None:
         )
 
 
-def _open(gguf_path: str | Path, n_threads: int):
-    """A ``llama_cpp.Llama`` on ``gguf_path``, or a one-line error naming what is missing."""
+def _llama_cpp(purpose: str):
+    """The llama_cpp module, or a one-line error saying ``purpose`` needs it and how to get it."""
     try:
         import llama_cpp
     except ImportError:
         raise ModelLoadError(
-            "llama.cpp speed needs llama-cpp-python; install it: pip install llama-cpp-python"
+            f"{purpose} needs llama-cpp-python; install it: pip install llama-cpp-python"
         ) from None
+    return llama_cpp
+
+
+def _open(gguf_path: str | Path, n_threads: int):
+    """A ``llama_cpp.Llama`` on ``gguf_path``, or a one-line error naming what is missing."""
+    llama_cpp = _llama_cpp("llama.cpp speed")
     path = Path(gguf_path)
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist; export one first")
