@@ -73,6 +73,18 @@ def test_a_different_seed_draws_a_different_random_keep(results, tokenizer):
     assert not torch.equal(results["random"][1].keep, other.keep)
 
 
+@pytest.mark.parametrize("name", METHODS.names())
+def test_mlp_multiple_keeps_every_mlp_width_a_multiple(name, tokenizer):
+    config = PruneConfig(**{**CONFIG.to_dict(), "mlp_multiple": 8})
+    model, result, max_unit = run_method(name, tokenizer, config)
+    widths = [m.n_units for m in adapter_for(model).layout(model).modules if m.kind == NEURONS]
+    assert all(width % 8 == 0 for width in widths), widths
+    assert widths != [96, 96]  # the MLPs were pruned, not just left
+    block = 8 * 3 * 64  # 8 neurons of a 64-wide model: up, gate and down
+    assert config.sparsity - config.tolerance <= result.sparsity
+    assert result.sparsity <= config.sparsity + max(block, max_unit) / result.params_before
+
+
 @pytest.mark.parametrize("name", ["random", "wanda"])
 def test_units_heads_leaves_every_neuron(name, tokenizer):
     config = PruneConfig(**{**CONFIG.to_dict(), "sparsity": 0.15, "unit_kinds": "heads"})

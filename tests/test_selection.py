@@ -304,3 +304,94 @@ def test_rounds_left_counts_whole_rounds_to_the_target(sparsity, fraction, done,
 
     config = PruneConfig(sparsity=sparsity, prune_fraction=fraction)
     assert rounds_left(round(1000 * (1 - done)), 1000, config) == left
+
+
+# ---- blocks: a module's width stays a multiple of N (--mlp-multiple) --------------------------
+
+
+def test_a_block_goes_at_its_members_mean_importance():
+    # module 0 (multiple 2): blocks {0.0, 0.2} (mean 0.1) and {0.9, 1.0}; module 1: one unit
+    score = torch.tensor([0.9, 0.0, 1.0, 0.2, 0.15], dtype=torch.float64)
+    costs, modules = torch.ones(5), torch.tensor([0, 0, 0, 0, 1])
+    floors, multiple = torch.tensor([0, 0]), torch.tensor([2, 1])
+    two = select_units(score, costs, 2.0, modules, floors, multiple=multiple)
+    assert two.keep.tolist() == [True, False, True, False, True] and two.removed_params == 2.0
+    # the block costs 2 and does not fit in 1: the walk goes on to the single unit
+    one = select_units(score, costs, 1.0, modules, floors, multiple=multiple)
+    assert one.keep.tolist() == [True, True, True, True, False] and one.removed_params == 1.0
+
+
+def test_the_first_block_brings_an_uneven_width_to_a_multiple():
+    score = torch.arange(7, dtype=torch.float64)  # one module of 7 units, multiple 3
+    selection = select_units(
+        score, torch.ones(7), 1.0, torch.zeros(7, dtype=torch.long), torch.tensor([1]),
+        multiple=torch.tensor([3]),
+    )  # fmt: skip
+    assert selection.keep.tolist() == [False] + [True] * 6  # 7 mod 3 = 1 unit, leaving 6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blocks_keep_widths_multiples_within_budget_and_floors(seed: int):
+    score, costs, modules = random_problem(seed)
+    costs = torch.full_like(costs, 3.0)  # a module's units cost the same, as neurons do
+    multiple = torch.tensor([1, 4, 8, 3, 1, 5, 2])
+    floors = torch.tensor([0, 1, 0, 2, 1, 0, 9])
+    generator = torch.Generator().manual_seed(100 + seed)
+    current = torch.rand(300, generator=generator) > 0.1
+    budget = 400.0
+    selection = select_units(score, costs, budget, modules, floors, current, multiple=multiple)
+    keep = selection.keep
+    assert not bool((keep & ~current).any())  # removed units stay removed
+    assert bool(keep[torch.isinf(score) & current].all())  # fixed units stay
+    newly_removed = current & ~keep
+    assert selection.removed_params == pytest.approx(float(costs[newly_removed].sum()))
+    assert selection.removed_params <= budget
+    assert selection.removed_params > budget - 3.0 * 8  # short of it by under one block
+    for module, n in enumerate(multiple.tolist()):
+        before = int(current[modules == module].sum())
+        after = int(keep[modules == module].sum())
+        assert after >= min(before, int(floors[module]))
+        assert after == before or after % n == 0, (module, before, after, n)
+        # the least important go first within a module
+        gone, stay = newly_removed & (modules == module), keep & (modules == module)
+        if bool(gone.any()) and bool((stay & torch.isfinite(score)).any()):
+            assert float(score[gone].max()) <= float(score[stay & torch.isfinite(score)].min())
+
+
+def test_multiple_one_everywhere_is_the_unit_walk():
+    score, costs, modules = random_problem(3)
+    floors = torch.ones(7, dtype=torch.long)
+    plain = select_units(score, costs, 900.0, modules, floors)
+    ones = select_units(
+        score, costs, 900.0, modules, floors, multiple=torch.ones(7, dtype=torch.long)
+    )
+    assert torch.equal(plain.keep, ones.keep) and plain.removed_params == ones.removed_params
+
+
+@pytest.mark.parametrize("multiple", [1, 4])
+def test_at_least_one_removes_the_least_important_unit_or_block_when_nothing_fits(multiple):
+    score = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4], dtype=torch.float64)
+    costs, modules, floors = (
+        torch.full((8,), 10.0),
+        torch.zeros(8, dtype=torch.long),
+        torch.tensor([1]),
+    )
+    none = select_units(score, costs, 5.0, modules, floors, multiple=torch.tensor([multiple]))
+    assert bool(none.keep.all()) and none.removed_params == 0.0
+    forced = select_units(
+        score, costs, 5.0, modules, floors, multiple=torch.tensor([multiple]), at_least_one=True
+    )
+    expected = score > (0.1 if multiple == 1 else 0.4)  # the lowest unit, or the lowest 4
+    assert forced.keep.tolist() == expected.tolist()
+    assert forced.removed_params == 10.0 * multiple
+
+
+def test_a_shared_group_must_not_be_blocked():
+    from bonsai_prune.core.selection import SharedCosts
+
+    shared = SharedCosts(torch.tensor([0, 0, -1, -1]), torch.tensor([5.0]))
+    with pytest.raises(ValueError, match="shared group"):
+        select_units(
+            torch.arange(4.0), torch.ones(4), 2.0, torch.zeros(4, dtype=torch.long),
+            torch.tensor([0]), shared=shared, multiple=torch.tensor([2]),
+        )  # fmt: skip

@@ -222,6 +222,7 @@ class PruneConfig(_JsonConfig):
         "beta_prior": "uniform",
         "compensate": False,
         "compensate_samples": 16,
+        "mlp_multiple": 1,
     }
 
     model: str = option(
@@ -285,6 +286,11 @@ class PruneConfig(_JsonConfig):
     )
     allow_empty_modules: bool = option(False, "a module may lose all its units")
     tolerance: float = option(0.005, "stop when sparsity is within this of the target")
+    mlp_multiple: int = option(
+        1,
+        "keep every MLP's width a multiple of N, its least important neurons going N at a time "
+        "(GPU tiles: 8-64; llama.cpp Q8_0: 32, k-quants: 256); 1: any width",
+    )
     compensate: bool = option(
         True,
         "before each slice, refit the output projections of thinned modules by least squares "
@@ -334,6 +340,7 @@ class PruneConfig(_JsonConfig):
         _check_bool("allow_empty_modules", self.allow_empty_modules)
         _check_bool("compensate", self.compensate)
         _check_int("compensate_samples", self.compensate_samples, minimum=1, hint="(problems)")
+        _check_int("mlp_multiple", self.mlp_multiple, minimum=1, hint="(1: any width)")
         if (
             isinstance(self.tolerance, bool)
             or not isinstance(self.tolerance, (int, float))

@@ -15,7 +15,7 @@ import torch
 from bonsai_prune.config import PruneConfig
 from bonsai_prune.core.selection import SharedCosts
 from bonsai_prune.errors import PruningError
-from bonsai_prune.models.adapter import UNIT_KINDS, ArchitectureAdapter, UnitLayout
+from bonsai_prune.models.adapter import NEURONS, UNIT_KINDS, ArchitectureAdapter, UnitLayout
 
 
 def round_budget(
@@ -55,6 +55,14 @@ def min_keep_per_module(
             max(adapter.min_units(m.kind, allow_empty=allow_empty), 0 if allow_empty else 1)
             for m in layout.modules
         ]
+    )
+
+
+def module_multiples(layout: UnitLayout, mlp_multiple: int) -> torch.Tensor:
+    """LongTensor (M,): what each module's kept count stays a multiple of (``--mlp-multiple``
+    for MLPs, 1 for attention: a head count has no hardware-friendly shape to keep)."""
+    return torch.tensor(
+        [mlp_multiple if m.kind == NEURONS else 1 for m in layout.modules], dtype=torch.long
     )
 
 

@@ -23,6 +23,7 @@ from bonsai_prune.config import PruneConfig, WorkersConfig
 from bonsai_prune.core.budget import (
     check_reachable,
     min_keep_per_module,
+    module_multiples,
     prunable_mask,
     selection_costs,
 )
@@ -209,7 +210,8 @@ def prune_to_target(
     A pass selects within the parameters still to remove and slices; selection charges a K/V
     head to its group's last query head (``core.budget.selection_costs``), so a pass frees
     what it counted. When nothing fits any more but the target is still more than ``tolerance`` away,
-    the lowest-scored removable unit goes as well: the target is overshot by under one unit.
+    the lowest-scored removable unit (or block, with ``--mlp-multiple``) goes as well: the
+    target is overshot by under one unit.
     """
     allow_empty = config.allow_empty_modules if allow_empty is None else allow_empty
     n_units = adapter.layout(model).n_units
@@ -225,10 +227,20 @@ def prune_to_target(
         remaining = adapter.count_parameters(model) - target_params
         costs, shared = selection_costs(adapter, model)
         keep = select_units(
-            score, costs, remaining, layout.module_index, floors, shared=shared
+            score,
+            costs,
+            remaining,
+            layout.module_index,
+            floors,
+            shared=shared,
+            multiple=module_multiples(layout, config.mlp_multiple),
+            at_least_one=True,
         ).keep
         if bool(keep.all()):
-            keep = _remove_one_more(score, layout, floors)
+            raise PruningError(
+                "the target sparsity is unreachable with the units and floors allowed; lower "
+                "--sparsity, prune both unit kinds, or pass --allow-empty-modules"
+            )
         slice_units(adapter, model, keep, compensation)
         alive, score = alive[keep], score[keep]
         n_passes += 1
@@ -245,22 +257,6 @@ def module_floors(adapter, layout: UnitLayout, allow_empty: bool) -> torch.Tenso
         can_empty = [adapter.min_units(m.kind, allow_empty=True) for m in layout.modules]
         floors = torch.minimum(floors, torch.tensor(can_empty, dtype=floors.dtype))
     return floors
-
-
-def _remove_one_more(score: torch.Tensor, layout: UnitLayout, floors: torch.Tensor) -> torch.Tensor:
-    """Keep mask (U,) without the lowest-scored unit whose module is above its floor."""
-    kept_per_module = torch.bincount(layout.module_index, minlength=len(floors))  # (M,)
-    above_floor = (kept_per_module > floors)[layout.module_index]  # (U,)
-    removable = above_floor & torch.isfinite(score)
-    if not bool(removable.any()):
-        raise PruningError(
-            "the target sparsity is unreachable with the units and floors allowed; lower "
-            "--sparsity, prune both unit kinds, or pass --allow-empty-modules"
-        )
-    unit = int(torch.where(removable, score, math.inf).argmin())
-    keep = torch.ones(layout.n_units, dtype=torch.bool)
-    keep[unit] = False
-    return keep
 
 
 def protect_unprunable(score: torch.Tensor, layout: UnitLayout, units: str) -> torch.Tensor:

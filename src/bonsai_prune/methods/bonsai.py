@@ -26,6 +26,7 @@ from bonsai_prune.core.allocation import module_design, module_importance
 from bonsai_prune.core.budget import (
     check_reachable,
     min_keep_per_module,
+    module_multiples,
     prunable_mask,
     round_budget,
     rounds_left,
@@ -210,6 +211,7 @@ def run_round(
     unit_costs = adapter.unit_costs(model)  # (U,) K/V shared evenly: for designs and validity
     floors = min_keep_per_module(adapter, layout, config.allow_empty_modules)
     tiebreak = prior_tiebreak(prior, module_index)
+    multiples = module_multiples(layout, config.mlp_multiple)  # (M,)
 
     def decide(masks: torch.Tensor, scores: torch.Tensor):
         """Regress the scores on the masks and select the round's units to remove."""
@@ -237,7 +239,15 @@ def run_round(
         else:
             beta[candidates] = fit.beta.double()
         selection = select_units(
-            beta, costs, budget, module_index, floors, shared=shared, tiebreak=tiebreak
+            beta,
+            costs,
+            budget,
+            module_index,
+            floors,
+            shared=shared,
+            tiebreak=tiebreak,
+            multiple=multiples,
+            at_least_one=True,  # a last round smaller than one unit (or block) still ends
         )
         return fit, validity, beta, selection
 
@@ -256,8 +266,8 @@ def run_round(
 
     if bool(selection.keep.all()):
         raise PruningError(
-            f"round {index} could not remove any unit within its budget of {budget:.0f} "
-            "parameters; raise --prune-frac or --tolerance"
+            f"round {index} found no unit it may remove (every module at its floor or fixed); "
+            "lower --sparsity or pass --allow-empty-modules"
         )
     release_fused(model)  # the sub-models' generation is over; the weights are about to change
     if compensation is not None:
