@@ -395,3 +395,12 @@ def test_a_shared_group_must_not_be_blocked():
             torch.arange(4.0), torch.ones(4), 2.0, torch.zeros(4, dtype=torch.long),
             torch.tensor([0]), shared=shared, multiple=torch.tensor([2]),
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("multiple", [[2], [2, 0], [2, 2, 2]])
+def test_a_multiple_per_module_of_at_least_one_is_required(multiple):
+    with pytest.raises(ValueError, match="multiple must be"):
+        select_units(
+            torch.arange(4.0), torch.ones(4), 2.0, torch.tensor([0, 0, 1, 1]),
+            torch.tensor([0, 0]), multiple=torch.tensor(multiple),
+        )  # fmt: skip

@@ -92,6 +92,10 @@ def select_units(
             f"module_index reaches {int(module_index.max())} but min_keep has only "
             f"{min_keep.numel()} modules"
         )
+    if multiple is not None and (multiple.shape != min_keep.shape or bool((multiple < 1).any())):
+        raise ValueError(
+            f"multiple must be (M,) = {tuple(min_keep.shape)} of integers >= 1, got {multiple.tolist()}"
+        )
     keep = torch.ones(n_units, dtype=torch.bool)
     if current_keep is not None:
         keep = current_keep.detach().cpu().bool().clone()
