@@ -29,5 +29,7 @@ def test_quick_check_measures_both_models_and_prints_the_next_commands(tokenizer
     assert all(math.isfinite(v) and v > 1 for v in check.perplexity.values())
     assert check.perplexity["dense"] != check.perplexity["pruned"]  # the pruned model differs
     assert all(v > 0 for v in check.decode_tokens_per_s.values()) and check.speedup > 0
+    tps = check.decode_tokens_per_s  # one repeat: its ratio is the median of the ratios
+    assert check.speedup == tps["pruned"] / tps["dense"]
     text = format_check(check, "runs/x")
     assert "reference perplexity: dense" in text and "bonsai-prune evaluate --model runs/x" in text
