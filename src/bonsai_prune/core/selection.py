@@ -116,10 +116,7 @@ def select_units(
     kept_in_module = torch.bincount(module_index[keep], minlength=min_keep.numel()).tolist()
     floor = min_keep.tolist()
 
-    order = torch.arange(n_units)
-    if tiebreak is not None:
-        order = torch.sort(tiebreak.detach().cpu().double(), stable=True).indices  # (U,)
-    order = order[torch.sort(score[order], stable=True).indices]  # (U,) least important first
+    order = walk_order(score, tiebreak)  # (U,) least important first
     order = order[(score[order] != float("inf")) & keep[order]]  # (R,) removable, in order
     # (R,) cheapest cost from each position on: once the budget left is below it, stop
     cheapest_ahead = costs[order].flip(0).cummin(0).values.flip(0).tolist()
@@ -159,6 +156,14 @@ def select_units(
     return Selection(keep, removed)
 
 
+def walk_order(score: torch.Tensor, tiebreak: torch.Tensor | None = None) -> torch.Tensor:
+    """(U,) long: units least important first; ties by ``tiebreak``, then the lower index."""
+    order = torch.arange(score.shape[0])
+    if tiebreak is not None:
+        order = torch.sort(tiebreak.detach().cpu().double(), stable=True).indices
+    return order[torch.sort(score[order], stable=True).indices]
+
+
 def unit_blocks(
     score: torch.Tensor,
     module_index: torch.Tensor,
@@ -177,10 +182,7 @@ def unit_blocks(
     """
     score, module_index = score.detach().cpu().double(), module_index.cpu()
     keep, multiple = keep.detach().cpu().bool(), multiple.cpu()
-    order = torch.arange(score.shape[0])
-    if tiebreak is not None:
-        order = torch.sort(tiebreak.detach().cpu().double(), stable=True).indices
-    order = order[torch.sort(score[order], stable=True).indices]
+    order = walk_order(score, tiebreak)
     order = order[keep[order]]
     order = order[torch.sort(module_index[order], stable=True).indices]  # by module, walk order
     block = torch.full((score.shape[0],), -1, dtype=torch.long)
