@@ -12,6 +12,7 @@ import yaml
 from conftest import tiny_llama
 
 from bonsai_prune.errors import ConfigError
+from bonsai_prune.study import rebuild
 from bonsai_prune.study import runner as experiments
 from bonsai_prune.study.grid import (
     CELL_KEYS,
@@ -268,8 +269,8 @@ class Calls:
     def __init__(self, monkeypatch, tokenizer):
         self.counts = {"load": 0, "prune": 0, "evaluate": 0}
         self.tokenizer = tokenizer
-        for name in ("prune", "evaluate"):
-            monkeypatch.setattr(experiments, name, self._counted(name, getattr(experiments, name)))
+        for module, name in ((rebuild, "prune"), (experiments, "evaluate")):
+            monkeypatch.setattr(module, name, self._counted(name, getattr(module, name)))
 
     def _counted(self, name, function):
         def wrapper(*args, **kwargs):
@@ -573,6 +574,93 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
     after = json.loads((dense_eval / "summary.json").read_text())
     assert after["accuracy_strict_match"] == before["accuracy_strict_match"]
     assert after["accuracy_flexible_extract_ci"] == before["accuracy_flexible_extract_ci"]
+
+
+def test_a_best_model_whose_weights_are_gone_is_rebuilt_checked_and_evaluated_on_the_whole_split(
+    tmp_path, tokenizer, tiny_model_dir, monkeypatch, capsys
+):
+    """A fresh checkout keeps figures, not weights: the whole-split evaluation of a sparsity's
+    best model (here a recovered cell or its prune, whichever scored higher) prunes and
+    recovers it again in <cell>/rebuild/, moves the weights in only when the rebuild reproduces
+    the cached reports, and checks the rows the two evaluations share. A rebuild that differs
+    from what the cache recorded is refused, with the reason, and nothing is evaluated."""
+    import dataclasses
+
+    from bonsai_prune.errors import DataError
+    from bonsai_prune.study import grid as grid_module
+    from bonsai_prune.study.rebuild import AGREEMENT_FILE, REBUILD_DIR, restore_weights
+
+    monkeypatch.setattr(
+        grid_module.Grid,
+        "full_eval_config",
+        property(lambda g: dataclasses.replace(g.eval_config, limit=3)),
+    )
+    fast = {"max_tokens": 300, "batch_size": 2, "max_length": 96, "n_eval": 2, "data": "gold"}
+    data = {
+        **TINY_GRID,
+        "out": str(tmp_path / "out"),
+        "full_eval": True,
+        "base": {**TINY_GRID["base"], "model": str(tiny_model_dir)},
+        "recover": {**fast, "dtype": "fp32", "eval_every": 2, "checkpoint_every": 100},
+        "cells": [{"method": "random", "sparsity": 0.2, "recover": True}],
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    calls = Calls(monkeypatch, tokenizer)
+    first = run_experiment(path, progress=False, load=calls.load)
+    best = first.outcomes[-1].key
+    assert first.outcomes[-1].label.endswith("on the whole split")
+    cell = tmp_path / "out" / "cells" / first.grid.cells[0].key
+    full = tmp_path / "out" / "cells" / best / "eval-full"
+    expected = json.loads((full / "summary.json").read_text())
+    shared = json.loads((full / AGREEMENT_FILE).read_text())
+    assert shared["rows"] == 2 and shared["same_prediction"] == 2
+
+    for run in (cell / "run", *cell.glob("recovered-*/run")):
+        shutil.rmtree(run / "model")
+    shutil.rmtree(full)
+    second = run_experiment(path, progress=False, load=calls.load)
+    ran = [o for o in second.outcomes if o.key == best and o.label.endswith("whole split")]
+    assert [o.status for o in ran] == ["ran", "cached"], ran[0].error
+    assert "prune rebuilt: same widths in every layer" in capsys.readouterr().out
+    assert (cell / "run" / "model").is_dir() and (cell / REBUILD_DIR).is_dir()
+    rebuilt = json.loads((full / "summary.json").read_text())
+    assert rebuilt["u_dagger"] == pytest.approx(expected["u_dagger"], abs=1e-6)
+    shared = json.loads((full / AGREEMENT_FILE).read_text())
+    assert shared["rows"] == 2 and shared["same_prediction"] == 2
+    assert shared["max_reference_nll_gap"] < 1e-4
+
+    # the recovery and its parent, rebuilt from the library (whichever of them was the best)
+    (recovery,) = cell.glob("recovered-*")
+    for folder in (cell, recovery):
+        shutil.rmtree(folder / "run" / "model", ignore_errors=True)
+        shutil.rmtree(folder / REBUILD_DIR, ignore_errors=True)
+    key = f"{cell.name}/{recovery.name}"
+    lines = restore_weights(second.grid, key, calls.load, progress=False)
+    assert [line.split(":")[0] for line in lines] == ["prune rebuilt", "recovery rebuilt"]
+    assert (recovery / "run" / "model").is_dir()
+    assert restore_weights(second.grid, key, calls.load, progress=False) == []  # nothing to do
+
+    # caches whose reports no rebuild reproduces: refused, with the reason, nothing moved in
+    report = json.loads((recovery / "run" / "report.json").read_text())
+    report["best"]["kl"] *= 1.5
+    (recovery / "run" / "report.json").write_text(json.dumps(report))
+    shutil.rmtree(recovery / "run" / "model")
+    shutil.rmtree(recovery / REBUILD_DIR)
+    with pytest.raises(DataError, match="the rebuilt recovery's held-out KL is"):
+        restore_weights(second.grid, key, calls.load, progress=False)
+    assert not (recovery / "run" / "model").exists()
+    report = json.loads((cell / "run" / "report.json").read_text())
+    report["structure"]["layers"][0]["intermediate_size"] += 1
+    (cell / "run" / "report.json").write_text(json.dumps(report))
+    shutil.rmtree(cell / "run" / "model")
+    shutil.rmtree(cell / REBUILD_DIR)
+    shutil.rmtree(full)
+    third = run_experiment(path, progress=False, load=calls.load)
+    tried = [o for o in third.outcomes if o.key == best and o.label.endswith("whole split")]
+    assert [o.status for o in tried] == ["failed"]  # once per run, not after every cell
+    assert "the rebuilt prune kept other widths than the cached one" in tried[0].error
+    assert not (full / "summary.json").exists() and not (cell / "run" / "model").exists()
 
 
 def test_the_report_shows_lm_eval_agreements_stored_beside_the_cells(tmp_path):

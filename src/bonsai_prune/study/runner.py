@@ -13,10 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from bonsai_prune.api import prune
 from bonsai_prune.errors import BonsaiPruneError, ConfigError, DataError
 from bonsai_prune.eval.gsm8k import add_answer_probabilities, add_lm_eval_accuracies, evaluate
-from bonsai_prune.methods import METHODS
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import load_model, resolve_dtype
 from bonsai_prune.models.pruned import is_pruned_dir, load_pruned
@@ -38,6 +36,12 @@ from bonsai_prune.study.grid import (
     read_records,
     recovered_key,
     settled_best_keys,
+)
+from bonsai_prune.study.rebuild import (
+    AGREEMENT_FILE,
+    agreement,
+    prune_resuming,
+    restore_weights,
 )
 
 Loader = Callable[..., tuple]  # (spec, *, dtype, device) -> (model, tokenizer), like load_model
@@ -69,6 +73,7 @@ def run_experiment(
     print(f"experiment {grid.path}: {len(cells)} cell(s) + dense -> {grid.out}", flush=True)
     print(f"the whole grid: {time_left(grid, read_records(grid)).text()}", flush=True)
     outcomes = [_run_dense(grid, load, progress)]
+    failed: set[str] = set()  # whole-split evaluations that failed in this run
     print(f"[dense] {_cell_line(grid, None, outcomes[0])}", flush=True)
     if grid.full_eval:  # the dense model's whole-split figures do not wait for the grid
         outcomes.append(_run_full_eval(grid, grid.dense_key, load, progress))
@@ -92,11 +97,14 @@ def run_experiment(
         if grid.full_eval:  # a sparsity whose main cells have all finished: its best, now
             records = read_records(grid)
             for key in settled_best_keys(grid, records).values():
-                if records[key].full_summary is None:
+                if records[key].full_summary is None and key not in failed:
                     outcomes.append(_run_full_eval(grid, key, load, progress))
+                    if outcomes[-1].status == "failed":  # retried at the next run, not after
+                        failed.add(key)  # every cell of this one (a refused rebuild is long)
     if grid.full_eval:
         for key in full_eval_keys(grid, read_records(grid))[1:]:  # the dense model's ran first
-            outcomes.append(_run_full_eval(grid, key, load, progress))
+            if key not in failed:
+                outcomes.append(_run_full_eval(grid, key, load, progress))
     return ExperimentResult(grid, outcomes, time.perf_counter() - began)
 
 
@@ -227,22 +235,8 @@ def _run_cell(
             model, tokenizer = load_pruned(run, device=config.device)  # only the eval was lost
             model = model.to(resolve_dtype(config.dtype, config.device))
         else:
-            model, tokenizer = load(config.model, dtype=config.dtype, device=config.device)
-            resume = (
-                getattr(METHODS.get(config.method), "resumes", False)
-                and (run / "config.json").is_file()
-                and not rebuild
-            )
-            pruned = prune(
-                config,
-                model=model,
-                tokenizer=tokenizer,
-                out_dir=run,
-                progress=progress,
-                resume=resume,
-                overwrite=not resume,
-            )
-            model = pruned.model
+            pruned = prune_resuming(config, run, load, progress, fresh=rebuild)
+            model, tokenizer = pruned.model, pruned.tokenizer
         _evaluate_run(grid, run, model, tokenizer, folder, progress)
     except Exception as e:  # one cell's failure, even a bug, must not stop the grid
         return _failed(folder, cell.key, cell.label, e, began)
@@ -290,6 +284,9 @@ def _run_full_eval(grid: Grid, key: str, load: Loader, progress: bool) -> CellOu
     else:
         began = time.perf_counter()
         try:
+            if key != grid.dense_key:  # a fresh checkout has the figures, not the weights
+                for line in restore_weights(grid, key, load, progress):
+                    print(f"[whole split] {key}: {line}", flush=True)
             model, tokenizer, config = _load_evaluated(grid, key, grid.full_eval_config, load)
             evaluate(
                 config,
@@ -298,10 +295,13 @@ def _run_full_eval(grid: Grid, key: str, load: Loader, progress: bool) -> CellOu
                 out_dir=folder / FULL_EVAL_DIR,
                 progress=progress,
             )
-        except BonsaiPruneError as e:  # the cell's own error.json stays its prune's
-            outcome = CellOutcome(key, label, "failed", time.perf_counter() - began, str(e))
+        except Exception as e:  # as in _run_cell; the cell's own error.json stays its prune's
+            error = str(e) if isinstance(e, BonsaiPruneError) else f"{type(e).__name__}: {e}"
+            outcome = CellOutcome(key, label, "failed", time.perf_counter() - began, error)
         else:
             outcome = CellOutcome(key, label, "ran", time.perf_counter() - began)
+    if outcome.status == "ran" or not (folder / FULL_EVAL_DIR / AGREEMENT_FILE).is_file():
+        _print_agreement(grid, key)
     summary = read_cell(grid, key).full_summary or {}
     figures = (
         f"strict {_number(summary.get('accuracy_strict'), 100, '.1f')}% of {summary.get('n')}"
@@ -311,6 +311,19 @@ def _run_full_eval(grid: Grid, key: str, load: Loader, progress: bool) -> CellOu
     state = f"FAILED {outcome.error}" if outcome.status == "failed" else outcome.status
     print(f"[whole split] {key}: {state}" + (f"  {figures}" if summary else ""), flush=True)
     return outcome
+
+
+def _print_agreement(grid: Grid, key: str) -> None:
+    """The rows a whole-split evaluation shares with the grid's: the same model, evaluated
+    again, must give the same texts (a rebuilt one included)."""
+    shared = agreement(grid, key)
+    if shared and shared["rows"]:
+        print(
+            f"[whole split] {key}: its first {shared['rows']} rows repeat the grid's evaluation:"
+            f" {shared['same_prediction']} same texts, reference NLL within"
+            f" {_number(shared['max_reference_nll_gap'], 1, '.2g')}",
+            flush=True,
+        )
 
 
 def _evaluate_run(grid: Grid, run: Path, model, tokenizer, folder: Path, progress: bool) -> None:
