@@ -629,6 +629,10 @@ def test_a_best_model_whose_weights_are_gone_is_rebuilt_checked_and_evaluated_on
     shared = json.loads((full / AGREEMENT_FILE).read_text())
     assert shared["rows"] == 2 and shared["same_prediction"] == 2
     assert shared["max_reference_nll_gap"] < 1e-4
+    text = write_report(second).read_text(encoding="utf-8")  # each whole-split model, twice
+    assert "answered them twice" in text and re.search(
+        r"\| random(?: \+ recovery)? \| 2 \| 2 \|", text
+    )
 
     # the recovery and its parent, rebuilt from the library (whichever of them was the best)
     (recovery,) = cell.glob("recovered-*")

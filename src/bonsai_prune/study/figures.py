@@ -53,6 +53,33 @@ def paired(grid: Grid, rows: list[dict] | None, base: list[dict] | None, key: st
     return how([r.get(key) for r in rows], [r.get(key) for r in base], e.n_bootstrap, e.seed)
 
 
+REPEATED = ("accuracy_strict", "u_dagger", "reference_nll")  # compared where a model ran twice
+
+
+def repeat_figures(first: list[dict], again: list[dict]) -> dict:
+    """The problems two evaluations of one model share (by index): how many, how many got the
+    same text, the largest gap in reference NLL, and each :data:`REPEATED` figure's mean over
+    them in both (``<key>``: ``[first, again]``). The whole split sorts its prompts by length
+    with other companions than the grid's first problems had, so in bf16 the greedy texts can
+    part: this measures how much the evaluation alone moves a figure."""
+    by_index = {r["index"]: r for r in first}
+    pairs = [(by_index[r["index"]], r) for r in again if r["index"] in by_index]
+    gaps = [
+        abs(a["reference_nll"] - b["reference_nll"])
+        for a, b in pairs
+        if a.get("reference_nll") is not None and b.get("reference_nll") is not None
+    ]
+    result: dict = {
+        "rows": len(pairs),
+        "same_prediction": sum(a["prediction"] == b["prediction"] for a, b in pairs),
+        "max_reference_nll_gap": max(gaps, default=None),
+    }
+    for key in REPEATED:
+        both = [(a[key], b[key]) for a, b in pairs if None not in (a.get(key), b.get(key))]
+        result[key] = [statistics.fmean(v) for v in zip(*both, strict=True)] if both else None
+    return result
+
+
 def triple(value: tuple[float, float, float] | None, scale: float, fmt: str) -> str:
     if not value:
         return "n/a"
