@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,19 @@ def test_recover_and_export_run_from_the_command_line(parent_and_run, tmp_path, 
         main(["export", str(tmp_path / "rec"), "--format", "lm-eval-task", "--out", str(out)]) == 0
     )
     assert str(tmp_path / "rec") in capsys.readouterr().out and any(out.rglob("*.yaml"))
+
+
+def test_the_packaged_parent_is_named_in_the_solutions_cache_by_its_gguf_not_its_copy():
+    """The de-quantised copy of the packaged model is remade, with new file times, on every
+    fresh machine; its solutions kept from before (results/study/self_data/) must still be
+    found, so the cache names the packaged GGUF by name and size, never the copy's files."""
+    from bonsai_prune.models.loading import packaged_gguf
+    from bonsai_prune.recover import _teacher_identity
+    from bonsai_prune.recover.data import shared_self_cache
+
+    gguf = packaged_gguf()
+    identity = _teacher_identity("default")
+    assert identity == f"default:{gguf.name}:{gguf.stat().st_size}"
+    assert not Path(identity).exists() and _teacher_identity("some/folder") == "some/folder"
+    path = shared_self_cache(Path("root"), identity, "chat", 256, "torch.bfloat16")
+    assert path == Path("root") / "e1265ff93f4cde4bba97.jsonl"  # the study's kept solutions

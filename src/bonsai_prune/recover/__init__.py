@@ -30,7 +30,7 @@ from bonsai_prune.config import RecoverConfig
 from bonsai_prune.data.problems import load_gsm8k
 from bonsai_prune.errors import ModelLoadError, RunDirectoryError
 from bonsai_prune.models import adapter_for, load_model
-from bonsai_prune.models.loading import cache_dir, dequantised_default, resolve_dtype
+from bonsai_prune.models.loading import cache_dir, packaged_gguf, resolve_dtype
 from bonsai_prune.models.pruned import (
     MODEL_DIR,
     STRUCTURE_FILE,
@@ -63,6 +63,16 @@ class RecoverResult:
     report: dict
     out_dir: Path
     complete: bool
+
+
+def _teacher_identity(spec: str) -> str:
+    """What names the teacher in the shared solutions cache: the packaged GGUF by name and
+    size (its de-quantised copy is remade with a new time on a fresh machine, and must still
+    find the solutions kept from before), any other spec as given (a folder by its files)."""
+    if spec != "default":
+        return spec
+    gguf = packaged_gguf()
+    return f"default:{gguf.name}:{gguf.stat().st_size}"
 
 
 def recover(
@@ -108,7 +118,7 @@ def recover(
     t0 = time.perf_counter()
     shared = shared_self_cache(
         cache_dir() / "self_data",
-        dequantised_default() if teacher_spec == "default" else teacher_spec,
+        _teacher_identity(teacher_spec),
         config.prompt,
         config.self_max_new_tokens,
         str(teacher_model.dtype),
