@@ -640,10 +640,12 @@ def test_a_best_model_whose_weights_are_gone_is_rebuilt_checked_and_evaluated_on
         shutil.rmtree(folder / "run" / "model", ignore_errors=True)
         shutil.rmtree(folder / REBUILD_DIR, ignore_errors=True)
     key = f"{cell.name}/{recovery.name}"
-    lines = restore_weights(second.grid, key, calls.load, progress=False)
+    lines = list(restore_weights(second.grid, key, calls.load, progress=False))
     assert [line.split(":")[0] for line in lines] == ["prune rebuilt", "recovery rebuilt"]
     assert (recovery / "run" / "model").is_dir()
-    assert restore_weights(second.grid, key, calls.load, progress=False) == []  # nothing to do
+    assert (
+        list(restore_weights(second.grid, key, calls.load, progress=False)) == []
+    )  # nothing to do
 
     # caches whose reports no rebuild reproduces: refused, with the reason, nothing moved in
     report = json.loads((recovery / "run" / "report.json").read_text())
@@ -652,7 +654,7 @@ def test_a_best_model_whose_weights_are_gone_is_rebuilt_checked_and_evaluated_on
     shutil.rmtree(recovery / "run" / "model")
     shutil.rmtree(recovery / REBUILD_DIR)
     with pytest.raises(DataError, match="the rebuilt recovery's held-out KL is"):
-        restore_weights(second.grid, key, calls.load, progress=False)
+        list(restore_weights(second.grid, key, calls.load, progress=False))
     assert not (recovery / "run" / "model").exists()
     report = json.loads((cell / "run" / "report.json").read_text())
     report["structure"]["layers"][0]["intermediate_size"] += 1

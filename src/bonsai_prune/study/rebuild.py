@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bonsai_prune.api import PruneResult, prune
@@ -60,17 +60,18 @@ def owner(grid: Grid, key: str) -> tuple[Cell, bool]:
     raise RunDirectoryError(f"{key} is no cell of {grid.path}; it cannot be rebuilt")
 
 
-def restore_weights(grid: Grid, key: str, load: Loader, progress: bool = True) -> list[str]:
+def restore_weights(grid: Grid, key: str, load: Loader, progress: bool = True) -> Iterator[str]:
     """Rebuild the weights of the finished model ``key`` (and of its pruned parent, for a
-    recovery) where the cache lacks them; the lines say what was rebuilt and how it matched."""
+    recovery) where the cache lacks them, saying after each step what was rebuilt and how it
+    matched (a generator: a recovery that fails still leaves its parent's line said)."""
     cell, recovered = owner(grid, key)
     run, parent = cell_dir(grid, key) / "run", cell_dir(grid, cell.key) / "run"
     if is_pruned_dir(run):
-        return []
-    lines = [] if is_pruned_dir(parent) else [_rebuild_prune(cell, parent, load, progress)]
+        return
+    if not is_pruned_dir(parent):
+        yield _rebuild_prune(cell, parent, load, progress)
     if recovered:
-        lines.append(_rebuild_recovery(grid, parent, run, progress))
-    return lines
+        yield _rebuild_recovery(grid, parent, run, progress)
 
 
 def _rebuild_prune(cell: Cell, run: Path, load: Loader, progress: bool) -> str:
