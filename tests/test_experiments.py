@@ -556,6 +556,7 @@ def test_full_eval_scores_dense_and_the_best_model_per_sparsity_on_more_problems
     assert report == tmp_path / "report" / "report.md"
     text = report.read_text(encoding="utf-8")
     assert "## The whole test split" in text and "lm-eval strict-match %" in text
+    assert "| whole split: strict kept (x dense) | whole split: U† kept (x dense) |" in text
     assert len(re.findall(r"\| (dense|random|magnitude) \| [\d.]+ \| 3 \|", text)) == 3
 
     calls.reset()

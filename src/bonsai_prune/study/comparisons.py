@@ -62,6 +62,7 @@ def _kept_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecord]) 
                 "U† kept (x dense)",
                 f"ref. ppl (dense {dense_ppl})",
                 "whole split: strict kept (x dense)",
+                "whole split: U† kept (x dense)",
             ]
         ),
     ]
@@ -73,7 +74,8 @@ def _kept_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecord]) 
             f"| {triple(paired(grid, rows, base, 'accuracy_strict', paired_ratio), 1, '.2f')} "
             f"| {triple(paired(grid, rows, base, 'u_dagger', paired_ratio), 1, '.2f')} "
             f"| {number(record.summary.get('reference_perplexity'), '.2f')} "
-            f"| {triple(paired(grid, full, full_base, 'accuracy_strict', paired_ratio), 1, '.2f')} |"
+            f"| {triple(paired(grid, full, full_base, 'accuracy_strict', paired_ratio), 1, '.2f')} "
+            f"| {triple(paired(grid, full, full_base, 'u_dagger', paired_ratio), 1, '.2f')} |"
         )
     return lines
 
