@@ -17,9 +17,9 @@ from bonsai_prune.models import adapter_for
 from bonsai_prune.models.pruned import MODEL_DIR, load_pruned, save_model
 from bonsai_prune.recover import RecoverConfig, recover
 from bonsai_prune.recover import data as rdata
-from bonsai_prune.recover.data import collate, encode, plan_batches, split_held_out
+from bonsai_prune.recover.data import Sequence, collate, encode, plan_batches, split_held_out
 from bonsai_prune.recover.loss import distill_kl, recovery_loss
-from bonsai_prune.recover.trainer import lr_factor
+from bonsai_prune.recover.trainer import accumulate_gradients, lr_factor, micro_batches
 from bonsai_prune.rundir.files import atomic_write_json
 
 FAST = {
@@ -110,6 +110,41 @@ def test_config_rejects_bad_values():
     with pytest.raises(ConfigError, match="unknown RecoverConfig field"):
         RecoverConfig.from_dict({"max_token": 5})
     assert RecoverConfig.from_dict(RecoverConfig(lr=1e-4).to_dict()) == RecoverConfig(lr=1e-4)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        RecoverConfig(micro_batch_size=-1)
+
+
+def test_micro_batching_keeps_the_cache_keys_and_saved_runs_of_whole_batches():
+    """Runs saved before micro-batching existed trained on whole batches: their saved config
+    reads back equal, and a key hashes the new field only where it is set."""
+    saved = {k: v for k, v in RecoverConfig().to_dict().items() if k != "micro_batch_size"}
+    assert RecoverConfig.from_saved(saved) == RecoverConfig()
+    assert RecoverConfig().identity() == saved
+    assert RecoverConfig(micro_batch_size=2).identity() != saved
+
+
+def test_micro_batches_split_a_step_in_order():
+    rows = [Sequence((i,), 0) for i in range(5)]
+    assert micro_batches(rows, 0) == [rows] == micro_batches(rows, 5) == micro_batches(rows, 9)
+    assert micro_batches(rows, 2) == [rows[:2], rows[2:4], rows[4:]]
+
+
+def test_micro_batched_gradients_add_up_to_the_whole_batch():
+    """A step in micro-batches weights each part's token mean by its share of the step's scored
+    tokens: the same loss and gradients as the whole batch (rows of unequal lengths)."""
+    teacher, student = tiny_llama(seed=1).eval(), tiny_llama(seed=2)
+    rows = [Sequence(tuple(range(3, 3 + n)), 2) for n in (9, 5, 12, 7, 6)]
+    config = RecoverConfig(**{**FAST, "ce_weight": 0.5})
+    figures, grads = [], []
+    for size in (0, 2):
+        student.zero_grad(set_to_none=True)
+        batches = [collate(part, 0) for part in micro_batches(rows, size)]
+        loss, kl, ce, _ = accumulate_gradients(student, teacher, batches, config, None)
+        figures.append((loss, kl, ce))
+        grads.append({n: p.grad.clone() for n, p in student.named_parameters()})
+    assert figures[0] == pytest.approx(figures[1], rel=1e-5)
+    for name, whole in grads[0].items():
+        torch.testing.assert_close(grads[1][name], whole, rtol=1e-4, atol=1e-6)
 
 
 # ---- tiny models -----------------------------------------------------------------------------

@@ -411,8 +411,15 @@ class RecoverConfig(_JsonConfig):
     on 2 CPU cores (DESIGN.md section 8).
     """
 
+    SAVED_BEFORE: ClassVar[dict[str, Any]] = {"micro_batch_size": 0}
+
     max_tokens: int = option(200_000, "training tokens (prompt + solution, no padding) consumed")
     batch_size: int = option(8, "sequences per optimizer step")
+    micro_batch_size: int = option(
+        0,
+        "sequences per forward and backward, their gradients summed into the step's (0: the "
+        "whole batch): a lower value cuts the memory activations take, at some speed",
+    )
     max_length: int = option(384, "prompt + solution tokens kept per sequence (GSM8K fits in ~300)")
     data: str = option(
         "self",
@@ -457,6 +464,7 @@ class RecoverConfig(_JsonConfig):
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_int("batch_size", self.batch_size, minimum=1)
+        _check_int("micro_batch_size", self.micro_batch_size, minimum=0)
         _check_int("max_length", self.max_length, minimum=16)
         _check_int("self_max_new_tokens", self.self_max_new_tokens, minimum=1)
         _check_int("lora_rank", self.lora_rank, minimum=1)

@@ -211,7 +211,7 @@ def _prepare_out(
             raise RunDirectoryError(
                 f"--resume: {out} holds no recovery run ({RECOVER_CONFIG} missing)"
             )
-        saved = RecoverConfig.from_dict(read_json(out / RECOVER_CONFIG))
+        saved = RecoverConfig.from_saved(read_json(out / RECOVER_CONFIG))
         if saved != config:
             changed = sorted(k for k, v in saved.to_dict().items() if config.to_dict()[k] != v)
             raise RunDirectoryError(

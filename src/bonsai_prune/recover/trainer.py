@@ -101,6 +101,47 @@ class TrainState:
         return dict(self.__dict__)
 
 
+def micro_batches(rows: list[Sequence], size: int) -> list[list[Sequence]]:
+    """A step's rows in consecutive parts of ``size`` (0: one part, the whole step)."""
+    if size <= 0 or size >= len(rows):
+        return [rows]
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def accumulate_gradients(
+    student, teacher, batches: list[TokenBatch], config: RecoverConfig, autocast_dtype
+) -> tuple[float, float, float, dict[str, float]]:
+    """Backward the step's loss, one micro-batch at a time; returns its (loss, KL, CE), each a
+    mean over the step's scored tokens, and the seconds spent in the teacher and the student.
+
+    Each part's token mean is weighted by its share of the step's scored tokens, so the
+    gradients add up to the whole batch's (to rounding); one part has weight exactly 1."""
+    n_scored = sum(int(b.target_mask.sum()) for b in batches)
+    totals = [0.0, 0.0, 0.0]
+    seconds = {"teacher": 0.0, "student": 0.0}
+    for batch in batches:
+        share = int(batch.target_mask.sum()) / n_scored
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t_logits = scored_logits(teacher, batch, None) if config.kl_weight else None
+        t1 = time.perf_counter()
+        s_logits = scored_logits(student, batch, autocast_dtype)
+        loss, kl, ce = recovery_loss(
+            s_logits,
+            t_logits,
+            batch.labels,
+            temperature=config.temperature,
+            kl_weight=config.kl_weight,
+            ce_weight=config.ce_weight,
+        )
+        (loss * share).backward()
+        seconds["teacher"] += t1 - t0
+        seconds["student"] += time.perf_counter() - t1
+        for i, value in enumerate((loss, kl, ce)):
+            totals[i] += share * float(value.detach())
+    return totals[0], totals[1], totals[2], seconds
+
+
 def trainable(model, config: RecoverConfig) -> dict[str, torch.nn.Parameter]:
     """Parameters the optimizer updates, by name; freezes the rest (the tied embedding unless
     asked: it was not pruned and the parent's is already right)."""
@@ -156,20 +197,11 @@ def train(
     bar = tqdm(total=n_steps, initial=state.step, desc="recover", unit="step", disable=not progress)
     while state.step < n_steps:
         t0 = time.perf_counter()
-        batch = collate([sequences[i] for i in plan[state.step]], pad_id)
-        with torch.no_grad():
-            t_logits = scored_logits(teacher, batch, None) if config.kl_weight else None
-        t1 = time.perf_counter()
-        s_logits = scored_logits(student, batch, autocast_dtype)
-        loss, kl, ce = recovery_loss(
-            s_logits,
-            t_logits,
-            batch.labels,
-            temperature=config.temperature,
-            kl_weight=config.kl_weight,
-            ce_weight=config.ce_weight,
+        rows = [sequences[i] for i in plan[state.step]]
+        batches = [collate(part, pad_id) for part in micro_batches(rows, config.micro_batch_size)]
+        loss, kl, ce, seconds = accumulate_gradients(
+            student, teacher, batches, config, autocast_dtype
         )
-        loss.backward()
         t2 = time.perf_counter()
         lr = config.lr * lr_factor(state.step, n_steps, config.warmup_steps, config.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -177,11 +209,12 @@ def train(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
+        n_tokens = sum(b.n_tokens for b in batches)
         state.step += 1
-        state.tokens += batch.n_tokens
-        for key, dt in (("teacher", t1 - t0), ("student", t2 - t1), ("optimizer", t3 - t2)):
+        state.tokens += n_tokens
+        seconds["optimizer"] = t3 - t2
+        for key, dt in seconds.items():
             state.seconds[key] += dt
-        loss, kl, ce = float(loss.detach()), float(kl.detach()), float(ce.detach())
         state.history.append(
             {
                 "step": state.step,
@@ -192,7 +225,7 @@ def train(
                 "tokens": state.tokens,
             }
         )
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{batch.n_tokens / (t3 - t0):.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{n_tokens / (t3 - t0):.0f}")
         bar.update(1)
 
         done = state.step == n_steps

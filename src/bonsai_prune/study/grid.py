@@ -275,7 +275,7 @@ def cell_key(config: PruneConfig, eval_config: EvalConfig) -> str:
 def recovered_key(grid: Grid, key: str) -> str:
     """``<key>/recovered-<hash8>``: the cell's recovery under the grid's RecoverConfig (a new
     recover mapping is a new folder, never a stale cache hit)."""
-    return f"{key}/recovered-{_digest(grid.recover_config.to_dict())}"
+    return f"{key}/recovered-{_digest(grid.recover_config.identity())}"
 
 
 def _digest(data: dict) -> str:

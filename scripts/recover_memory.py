@@ -1,0 +1,85 @@
+"""Peak memory and step time of recovery steps, whole batches against micro-batches.
+
+    python scripts/recover_memory.py RUN [--micro 0 4 2] [--steps 3]
+
+RUN is a pruned run directory. Each setting runs in a fresh process (peak RSS is a process's
+high-water mark): the step's 8 longest GSM8K train rows (gold solutions, cut to 384 tokens, the
+worst case of the default batch), the dense packaged parent as teacher, the recover defaults'
+dtype; the first step is a warm-up and not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+
+
+def measure(run: str, micro: int, steps: int) -> dict:
+    import torch
+
+    from bonsai_prune.config import RecoverConfig
+    from bonsai_prune.data.problems import load_gsm8k
+    from bonsai_prune.models.loading import load_model, resolve_dtype
+    from bonsai_prune.models.pruned import load_pruned
+    from bonsai_prune.recover.data import collate, gold_sequences
+    from bonsai_prune.recover.trainer import accumulate_gradients, micro_batches
+
+    peak = [0.0]
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/statm") as f:
+                peak[0] = max(peak[0], int(f.read().split()[1]) * 4096 / 2**30)
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    config = RecoverConfig(micro_batch_size=micro)
+    student, tokenizer = load_pruned(run)
+    student = student.float()
+    teacher, _ = load_model("default", dtype=config.dtype)
+    teacher.eval().requires_grad_(False)
+    compute = resolve_dtype(config.dtype)
+    autocast = compute if compute != torch.float32 else None
+    rows = gold_sequences(tokenizer, load_gsm8k("train")[:400], config.prompt, config.max_length)
+    rows = sorted(rows, key=lambda s: -len(s.ids))[: config.batch_size]
+    optimizer = torch.optim.AdamW(
+        [p for p in student.parameters() if p.requires_grad], lr=config.lr, foreach=False
+    )
+    seconds = []
+    for _ in range(steps + 1):
+        began = time.perf_counter()
+        batches = [collate(part, tokenizer.pad_token_id) for part in micro_batches(rows, micro)]
+        accumulate_gradients(student, teacher, batches, config, autocast)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - began)
+    return {"micro_batch_size": micro, "peak_rss_gib": peak[0], "step_s": seconds[1:]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run")
+    parser.add_argument("--micro", type=int, nargs="+", default=[0, 4, 2])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.run, args.micro[0], args.steps)))
+        return
+    print("| micro-batch | peak RSS (GiB) | step s (median) |\n|---|---|---|")
+    for micro in args.micro:
+        command = [sys.executable, __file__, args.run, "--one", "--micro", str(micro)]
+        out = subprocess.run(
+            [*command, "--steps", str(args.steps)], capture_output=True, text=True, check=True
+        )
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        step = sorted(row["step_s"])[len(row["step_s"]) // 2]
+        print(f"| {micro or 'whole (8)'} | {row['peak_rss_gib']:.2f} | {step:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
