@@ -14,13 +14,13 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 
 
 def measure(run: str, micro: int, steps: int) -> dict:
     import torch
 
+    from bonsai_prune.bench.measure import peak_rss_bytes
     from bonsai_prune.config import RecoverConfig
     from bonsai_prune.data.problems import load_gsm8k
     from bonsai_prune.models.loading import load_model, resolve_dtype
@@ -28,15 +28,6 @@ def measure(run: str, micro: int, steps: int) -> dict:
     from bonsai_prune.recover.data import collate, gold_sequences
     from bonsai_prune.recover.trainer import accumulate_gradients, micro_batches
 
-    peak = [0.0]
-
-    def sample() -> None:
-        while True:
-            with open("/proc/self/statm") as f:
-                peak[0] = max(peak[0], int(f.read().split()[1]) * 4096 / 2**30)
-            time.sleep(0.005)
-
-    threading.Thread(target=sample, daemon=True).start()
     config = RecoverConfig(micro_batch_size=micro)
     student, tokenizer = load_pruned(run)
     student = student.float()
@@ -57,7 +48,11 @@ def measure(run: str, micro: int, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - began)
-    return {"micro_batch_size": micro, "peak_rss_gib": peak[0], "step_s": seconds[1:]}
+    return {
+        "micro_batch_size": micro,
+        "peak_rss_gib": peak_rss_bytes() / 2**30,
+        "step_s": seconds[1:],
+    }
 
 
 def main() -> None:

@@ -116,11 +116,12 @@ def accumulate_gradients(
 
     Each part's token mean is weighted by its share of the step's scored tokens, so the
     gradients add up to the whole batch's (to rounding); one part has weight exactly 1."""
-    n_scored = sum(int(b.target_mask.sum()) for b in batches)
+    scored = [int(b.target_mask.sum()) for b in batches]
+    n_scored = sum(scored)
     totals = [0.0, 0.0, 0.0]
     seconds = {"teacher": 0.0, "student": 0.0}
-    for batch in batches:
-        share = int(batch.target_mask.sum()) / n_scored
+    for batch, n in zip(batches, scored, strict=True):
+        share = n / n_scored
         t0 = time.perf_counter()
         with torch.no_grad():
             t_logits = scored_logits(teacher, batch, None) if config.kl_weight else None
