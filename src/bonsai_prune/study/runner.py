@@ -15,6 +15,7 @@ from pathlib import Path
 
 from bonsai_prune.errors import BonsaiPruneError, ConfigError, DataError
 from bonsai_prune.eval.gsm8k import add_answer_probabilities, add_lm_eval_accuracies, evaluate
+from bonsai_prune.memory import release_free_memory
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import load_model, resolve_dtype
 from bonsai_prune.models.pruned import is_pruned_dir, load_pruned
@@ -76,36 +77,43 @@ def run_experiment(
     failed: set[str] = set()  # whole-split evaluations that failed in this run
     print(f"[dense] {_cell_line(grid, None, outcomes[0])}", flush=True)
     if grid.full_eval:  # the dense model's whole-split figures do not wait for the grid
-        outcomes.append(_run_full_eval(grid, grid.dense_key, load, progress))
+        _append(outcomes, _run_full_eval(grid, grid.dense_key, load, progress))
     for number, cell in enumerate(cells, start=1):
         outcome = _run_cell(grid, cell, load, progress)
-        outcomes.append(outcome)
+        _append(outcomes, outcome)
         print(f"[{number}/{len(cells)}] {_cell_line(grid, cell, outcome)}", flush=True)
         rebuilt = (
             cell.recover and outcome.status == "cached" and _parent_weights_missing(grid, cell)
         )
         if rebuilt:
             outcome = _run_cell(grid, cell, load, progress, rebuild=True)
-            outcomes.append(outcome)
+            _append(outcomes, outcome)
             line = _cell_line(grid, cell, outcome, " (rebuilt: its weights are not in the cache)")
             print(f"[{number}/{len(cells)}] {line}", flush=True)
         if cell.recover and outcome.status != "failed":
             outcome = _run_recovery(grid, cell, progress, fresh=rebuilt)
-            outcomes.append(outcome)
+            _append(outcomes, outcome)
             line = _cell_line(grid, cell, outcome, RECOVERED_SUFFIX)
             print(f"[{number}/{len(cells)}] {line}", flush=True)
         if grid.full_eval:  # a sparsity whose main cells have all finished: its best, now
             records = read_records(grid)
             for key in settled_best_keys(grid, records).values():
                 if records[key].full_summary is None and key not in failed:
-                    outcomes.append(_run_full_eval(grid, key, load, progress))
+                    _append(outcomes, _run_full_eval(grid, key, load, progress))
                     if outcomes[-1].status == "failed":  # retried at the next run, not after
                         failed.add(key)  # every cell of this one (a refused rebuild is long)
     if grid.full_eval:
         for key in full_eval_keys(grid, read_records(grid))[1:]:  # the dense model's ran first
             if key not in failed:
-                outcomes.append(_run_full_eval(grid, key, load, progress))
+                _append(outcomes, _run_full_eval(grid, key, load, progress))
     return ExperimentResult(grid, outcomes, time.perf_counter() - began)
+
+
+def _append(outcomes: list[CellOutcome], outcome: CellOutcome) -> None:
+    """Record a finished stage and give the memory it freed back to the OS: without it the
+    study process kept a recovery's fragmented heap (~12 GB) through the evaluations after."""
+    outcomes.append(outcome)
+    release_free_memory()
 
 
 def _upgrade_cache(grid: Grid) -> None:

@@ -1,0 +1,38 @@
+"""Giving freed memory back to the operating system between steps of long work.
+
+glibc's malloc serves tensors from its heap once freeing a large one has raised its mmap
+threshold, and a heap fragmented by tensors of changing shapes (recovery batches of different
+lengths) keeps its free pages resident. ``malloc_trim(0)`` hands them back (``madvise``) without
+moving anything: after each recovery step, the first 12 steps of a recovery of the packaged
+model peaked at 8.7 GB instead of 10.3 GB, with the same weights bit for bit and the same time
+(README, Recovery). A fixed mmap threshold (``MALLOC_MMAP_THRESHOLD_``) reached 7.1 GB but cost
+40% more time: every large temporary was page-faulted afresh.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+
+@functools.cache
+def _libc_trim():
+    """glibc's ``malloc_trim``, or None where the C library is not glibc (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Return the allocator's free pages to the OS; False where there is no way to (not glibc).
+
+    Call it between steps, never from a signal handler or another thread's allocation: it takes
+    the allocator's locks."""
+    trim = _libc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
