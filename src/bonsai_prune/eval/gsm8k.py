@@ -35,6 +35,7 @@ from bonsai_prune.data.prompts import exemplars, format_prompt
 from bonsai_prune.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
 from bonsai_prune.eval.journal import JOURNAL, BatchJournal, text_digest, weights_digest
 from bonsai_prune.eval.stats import CI_LEVEL, bootstrap_ci, wilson_interval
+from bonsai_prune.memory import release_free_memory
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import DEFAULT_MODEL, load_model, packaged_gguf
 from bonsai_prune.models.pruned import MODEL_DIR, is_pruned_dir
@@ -129,6 +130,7 @@ def generate_solutions(
             )
             spent = time.perf_counter() - began
             seconds += spent
+            release_free_memory()  # each batch's KV cache grew token by token: a fragmented heap
             for i, row in enumerate(rows):
                 texts[row] = generated.texts[i].strip()
                 counts[row], finished[row] = generated.n_tokens[i], generated.finished[i]
