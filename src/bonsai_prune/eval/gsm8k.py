@@ -130,7 +130,7 @@ def generate_solutions(
             )
             spent = time.perf_counter() - began
             seconds += spent
-            release_free_memory()  # each batch's KV cache grew token by token: a fragmented heap
+            release_free_memory()  # a recovery before, in one process, left its heap (not yet measured)
             for i, row in enumerate(rows):
                 texts[row] = generated.texts[i].strip()
                 counts[row], finished[row] = generated.n_tokens[i], generated.finished[i]
