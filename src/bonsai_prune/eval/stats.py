@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
@@ -108,3 +109,119 @@ def paired_ratio(
     tail = (1.0 - level) / 2.0
     low, high = np.quantile(ratios, [tail, 1.0 - tail])
     return float(pairs[:, 0].mean() / pairs[:, 1].mean()), float(low), float(high)
+
+
+# --- paired proportions: Wilson limits combined (MOVER) --------------------------------------
+# A pruned model that solves none of 300 problems has a kept share of exactly 0 in every
+# bootstrap resample: the percentile interval is the point [0, 0], the certainty Wilson's
+# interval refuses for one proportion. The intervals below combine each side's Wilson limits
+# and the per-problem correlation of the two sides (the method of variance estimates recovery:
+# Newcombe 1998, method 10, for the difference; Zou & Donner 2008 for the ratio), so they stay
+# open at 0 successes and keep close to their nominal coverage at the few-percent accuracies
+# of this project (tests/test_stats.py simulates it).
+
+
+@dataclass(frozen=True)
+class _PairedProportions:
+    """Two proportions on the same items: each one's estimate and Wilson limits, and the phi
+    correlation of the two per-item indicators (0 where one side is constant)."""
+
+    p: tuple[float, float]
+    low: tuple[float, float]
+    high: tuple[float, float]
+    phi: float
+
+
+def _paired_proportions(
+    values: list[float | None], baseline: list[float | None], level: float
+) -> _PairedProportions | None:
+    if len(values) != len(baseline):
+        return None
+    pairs = [
+        (a, b) for a, b in zip(values, baseline, strict=True) if a is not None and b is not None
+    ]
+    if not pairs:
+        return None
+    if any(v not in (0, 1) for pair in pairs for v in pair):
+        raise ValueError("paired proportions need per-item values of 0 or 1 (solved or not)")
+    n = len(pairs)
+    both = sum(1 for a, b in pairs if a and b)
+    first_only = sum(1 for a, b in pairs if a and not b)
+    second_only = sum(1 for a, b in pairs if b and not a)
+    neither = n - both - first_only - second_only
+    k = (both + first_only, both + second_only)
+    spread = (both + first_only) * (second_only + neither) * (both + second_only)
+    spread *= first_only + neither
+    phi = (both * neither - first_only * second_only) / math.sqrt(spread) if spread else 0.0
+    limits = [wilson_interval(count, n, level) for count in k]
+    return _PairedProportions(
+        p=(k[0] / n, k[1] / n),
+        low=(limits[0][0], limits[1][0]),
+        high=(limits[0][1], limits[1][1]),
+        phi=phi,
+    )
+
+
+def _combined(a: float, b: float, phi: float) -> float:
+    """sqrt(a^2 - 2 phi a b + b^2): the half-width MOVER gives ``x - y`` from the half-widths
+    ``a`` of x and ``b`` of y on the side each limit moves."""
+    return math.sqrt(max(0.0, a * a - 2.0 * phi * a * b + b * b))
+
+
+def paired_proportion_difference(
+    values: list[float | None], baseline: list[float | None], level: float = CI_LEVEL
+) -> tuple[float, float, float] | None:
+    """``mean(values) - mean(baseline)`` of per-item 0/1 outcomes on the same items, with
+    Newcombe's (1998, method 10) interval: each side's Wilson limits combined through the
+    per-item correlation. Items missing on either side are left out; None if none is left or
+    the lists differ in length."""
+    s = _paired_proportions(values, baseline, level)
+    if s is None:
+        return None
+    (p1, p2), (l1, l2), (u1, u2) = s.p, s.low, s.high
+    diff = p1 - p2
+    return (
+        diff,
+        diff - _combined(p1 - l1, u2 - p2, s.phi),
+        diff + _combined(u1 - p1, p2 - l2, s.phi),
+    )
+
+
+def paired_proportion_ratio(
+    values: list[float | None], baseline: list[float | None], level: float = CI_LEVEL
+) -> tuple[float, float, float] | None:
+    """``mean(values) / mean(baseline)`` of per-item 0/1 outcomes on the same items (a pruned
+    model's accuracy kept relative to its dense parent's), with a MOVER interval: the ratios
+    ``r`` for which Newcombe's interval of ``values - r * baseline`` holds 0 (Zou & Donner
+    2008). The upper limit is ``inf`` where the baseline's Wilson lower limit is 0. None if the
+    lists differ in length, no item is left or the baseline solved none."""
+    s = _paired_proportions(values, baseline, level)
+    if s is None or s.p[1] == 0:
+        return None
+    (p1, p2), (l1, l2), (u1, u2) = s.p, s.low, s.high
+    ratio = p1 / p2
+
+    def lowest(r: float) -> float:  # lower limit of values - r * baseline: falls as r grows
+        return p1 - r * p2 - _combined(p1 - l1, r * (u2 - p2), s.phi)
+
+    def highest(r: float) -> float:  # upper limit of values - r * baseline: falls as r grows
+        return p1 - r * p2 + _combined(u1 - p1, r * (p2 - l2), s.phi)
+
+    low = _root(lowest, 0.0, ratio)  # lowest(0) = l1 >= 0 >= lowest(ratio)
+    if l2 <= 0:
+        return ratio, low, math.inf
+    high = max(ratio, 1.0)
+    while highest(high) >= 0:  # highest(r) ~ -r * l2 for large r: a bracket is found
+        high *= 2.0
+    return ratio, low, _root(highest, ratio, high)
+
+
+def _root(f, a: float, b: float, iterations: int = 100) -> float:
+    """A zero of ``f`` on [a, b] where f(a) >= 0 >= f(b), by bisection (to float precision)."""
+    for _ in range(iterations):
+        middle = (a + b) / 2.0
+        if f(middle) >= 0:
+            a = middle
+        else:
+            b = middle
+    return (a + b) / 2.0

@@ -1,16 +1,17 @@
 """Models set against each other on the same problems: the report's summary (what the best
 model at each sparsity kept of the dense model, and the grid's ``contrast``), each model
 against the dense model, each method against its group's first, and the whole-split
-evaluations. Paired bootstrap CIs throughout (:mod:`bonsai_prune.eval.stats`)."""
+evaluations. Paired CIs throughout, chosen per figure by :func:`~bonsai_prune.study.figures.kept`
+and :func:`~bonsai_prune.study.figures.change` (:mod:`bonsai_prune.eval.stats`)."""
 
 from __future__ import annotations
 
-from bonsai_prune.eval.stats import paired_difference, paired_ratio
 from bonsai_prune.study.figures import (
     PAIRED_METRICS,
+    change,
     first_seeds,
+    kept,
     number,
-    paired,
     per_problem,
     repeat_figures,
     scaled,
@@ -49,7 +50,7 @@ def _kept_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecord]) 
     lines = [
         "",
         f"**Kept.** At each sparsity, the main model with the highest U† on the {len(base)} "
-        "problems, against the dense model on the same problems (paired bootstrap 95% CIs), "
+        "problems, against the dense model on the same problems (paired 95% CIs), "
         "and on the whole split where `full_eval` has evaluated it. The original U† study kept "
         "3% of its dense strict accuracy at 40% sparsity (GSM8K 5-shot: 14.3% -> 0.46%).",
         "",
@@ -71,11 +72,11 @@ def _kept_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecord]) 
         full = per_problem(grid, record, FULL_EVAL_DIR) if record.full_summary else None
         lines.append(
             f"| {sparsity:g} | {labels[key]} | {with_ci(record.summary, 'accuracy_strict', 100, '.1f')} "
-            f"| {triple(paired(grid, rows, base, 'accuracy_strict', paired_ratio), 1, '.2f')} "
-            f"| {triple(paired(grid, rows, base, 'u_dagger', paired_ratio), 1, '.2f')} "
+            f"| {triple(kept(grid, rows, base, 'accuracy_strict'), 1, '.2f')} "
+            f"| {triple(kept(grid, rows, base, 'u_dagger'), 1, '.2f')} "
             f"| {number(record.summary.get('reference_perplexity'), '.2f')} "
-            f"| {triple(paired(grid, full, full_base, 'accuracy_strict', paired_ratio), 1, '.2f')} "
-            f"| {triple(paired(grid, full, full_base, 'u_dagger', paired_ratio), 1, '.2f')} |"
+            f"| {triple(kept(grid, full, full_base, 'accuracy_strict'), 1, '.2f')} "
+            f"| {triple(kept(grid, full, full_base, 'u_dagger'), 1, '.2f')} |"
         )
     return lines
 
@@ -87,7 +88,7 @@ def _contrast_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecor
     lines = [
         "",
         f"**{a} against {b}.** {a} minus {b}, problem by problem on the first seed (paired "
-        "bootstrap 95% CIs: which problems were drawn), and each one's U† and reference "
+        "95% CIs: which problems were drawn), and each one's U† and reference "
         "perplexity over its finished seeds (mean ± sample standard deviation, n seeds: the "
         "pruning run's own randomness).",
         "",
@@ -118,7 +119,7 @@ def _contrast_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecor
                 continue
             first = [per_problem(grid, records[cells[0].key]) for cells in series]
             diffs = [
-                triple(paired(grid, *first, key, paired_difference), scale, fmt)
+                triple(change(grid, *first, key), scale, fmt)
                 for key, _, scale, fmt in PAIRED_METRICS
             ]
             over_seeds = [
@@ -139,7 +140,7 @@ def _over_seeds(records: list[CellRecord], key: str, fmt: str) -> str:
 
 def against_dense_lines(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
     """Each model against the dense model on the same problems: what it kept (ratios of means)
-    and what it lost (differences), paired, with bootstrap CIs. First seed of each method."""
+    and what it lost (differences), paired, with CIs. First seed of each method."""
     base = per_problem(grid, records[grid.dense_key])
     first = first_seeds(cells)
     rows = {c.label: per_problem(grid, records[c.key]) for c in first.values()}
@@ -149,15 +150,15 @@ def against_dense_lines(grid: Grid, cells: list[Cell], records: dict[str, CellRe
     lines = [
         "",
         f"Against the dense model on the same {len(base)} problems (first seed; paired "
-        "bootstrap 95% CIs): the share of its strict accuracy and of its U† each model kept, "
+        "95% CIs): the share of its strict accuracy and of its U† each model kept, "
         "and the change in reference NLL (nats/token, lower is better).",
         "",
         *table_head(["method", "strict kept (x dense)", "U† kept (x dense)", "Δ ref. NLL"]),
     ]
     for label, of in rows.items():
-        kept_strict = paired(grid, of, base, "accuracy_strict", paired_ratio)
-        kept_u = paired(grid, of, base, "u_dagger", paired_ratio)
-        nll = paired(grid, of, base, "reference_nll", paired_difference)
+        kept_strict = kept(grid, of, base, "accuracy_strict")
+        kept_u = kept(grid, of, base, "u_dagger")
+        nll = change(grid, of, base, "reference_nll")
         lines.append(
             f"| {label} | {triple(kept_strict, 1, '.2f')} | {triple(kept_u, 1, '.2f')} "
             f"| {triple(nll, 1, '+.3f')} |"
@@ -166,7 +167,7 @@ def against_dense_lines(grid: Grid, cells: list[Cell], records: dict[str, CellRe
 
 
 def paired_lines(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) -> list[str]:
-    """Each method minus the group's first method, problem by problem, with bootstrap CIs.
+    """Each method minus the group's first method, problem by problem, with paired CIs.
 
     Every model answers the same problems, so the per-problem difference cancels how hard each
     problem is: its CI is far narrower than the two separate CIs suggest. First seed of each
@@ -193,7 +194,7 @@ def paired_lines(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) 
         rows = per_problem(grid, records[cell.key])
         texts = [cell.label]
         for key, _, scale, fmt in PAIRED_METRICS:
-            texts.append(triple(paired(grid, rows, base, key, paired_difference), scale, fmt))
+            texts.append(triple(change(grid, rows, base, key), scale, fmt))
         lines.append("| " + " | ".join(texts) + " |")
     return lines
 
@@ -221,7 +222,7 @@ def full_split_lines(grid: Grid, shown: list[Cell], records: dict[str, CellRecor
         "",
         "The dense model and, at each sparsity, the main model with the highest U† above, "
         "evaluated on every problem of the split (`full_eval: true`). *Kept*: strict accuracy "
-        "over the dense model's on the same problems, with a paired bootstrap CI (the original "
+        "over the dense model's on the same problems, with a paired CI (the original "
         "U† study kept 3% at 40% sparsity); Δ: the paired difference.",
         "",
         *table_head(headers),
@@ -241,8 +242,8 @@ def full_split_lines(grid: Grid, shown: list[Cell], records: dict[str, CellRecor
             number(s.get("reference_perplexity"), ".2f"),
         ]
         rows = None if key == grid.dense_key else per_problem(grid, records[key], FULL_EVAL_DIR)
-        texts.append(triple(paired(grid, rows, base, "accuracy_strict", paired_ratio), 1, ".2f"))
-        diff = paired(grid, rows, base, "accuracy_strict", paired_difference)
+        texts.append(triple(kept(grid, rows, base, "accuracy_strict"), 1, ".2f"))
+        diff = change(grid, rows, base, "accuracy_strict")
         texts.append(triple(diff, 100, "+.1f"))
         lines.append("| " + " | ".join(texts) + " |")
     shown_keys = ([grid.dense_key] if dense.full_summary else []) + keys

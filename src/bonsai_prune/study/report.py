@@ -135,7 +135,10 @@ def _header(grid: Grid, records: dict[str, CellRecord], source) -> list[str]:
         f"- Model: `{e.model}` ({_dtype_used(e.dtype, records)}, {e.device}).",
         f"- Evaluation: the first {n} problems of GSM8K {e.split} (n = {n}), greedy, "
         f"{e.max_new_tokens} new tokens, {e.prompt} prompt, {e.shots}-shot; U† weights "
-        f"{format_weights(e.weights)}; 95% percentile-bootstrap CIs ({e.n_bootstrap} resamples).",
+        f"{format_weights(e.weights)}; 95% CIs: Wilson for accuracies, and where two models' "
+        "accuracies are compared problem by problem, their Wilson limits combined with the "
+        "per-problem correlation (MOVER: Newcombe 1998 for differences, Zou & Donner 2008 for "
+        f"ratios); percentile bootstrap ({e.n_bootstrap} resamples) for the other figures.",
         *_search_line(grid, records),
         f"- Cells: {len(runs)} runs + dense; {done} done, {failed} failed, "
         f"{len(runs) - done - failed} not run yet; {recovered} of their {len(recoveries)} "
