@@ -20,9 +20,9 @@ import time
 def measure(run: str, micro: int, steps: int) -> dict:
     import torch
 
-    from bonsai_prune.bench.measure import peak_rss_bytes
     from bonsai_prune.config import RecoverConfig
     from bonsai_prune.data.problems import load_gsm8k
+    from bonsai_prune.memory import peak_resident_bytes
     from bonsai_prune.models.loading import load_model, resolve_dtype
     from bonsai_prune.models.pruned import load_pruned
     from bonsai_prune.recover.data import collate, gold_sequences
@@ -50,7 +50,7 @@ def measure(run: str, micro: int, steps: int) -> dict:
         seconds.append(time.perf_counter() - began)
     return {
         "micro_batch_size": micro,
-        "peak_rss_gib": peak_rss_bytes() / 2**30,
+        "peak_rss_gib": peak_resident_bytes() / 2**30,
         "step_s": seconds[1:],
     }
 

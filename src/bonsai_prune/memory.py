@@ -1,4 +1,5 @@
-"""Giving freed memory back to the operating system between steps of long work.
+"""A process's memory: what it holds now and at its peak, and giving freed memory back to the
+operating system between steps of long work.
 
 glibc's malloc serves tensors from its heap once freeing a large one has raised its mmap
 threshold, and a heap fragmented by tensors of changing shapes (recovery batches of different
@@ -14,6 +15,44 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import sys
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes; None off Linux."""
+    try:
+        lines = _STATUS.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def resident_bytes() -> int | None:
+    """This process's resident memory now (Linux; None elsewhere)."""
+    return _status_bytes("VmRSS")
+
+
+def peak_resident_bytes() -> int | None:
+    """This process's peak resident memory since it started.
+
+    Linux's VmHWM, which a forked child does not inherit (``ru_maxrss`` is carried over fork,
+    so a measuring child would report its parent's peak); elsewhere ``ru_maxrss`` (bytes on
+    macOS, KiB on other Unix); None where neither exists (Windows)."""
+    peak = _status_bytes("VmHWM")
+    if peak is not None:
+        return peak
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 @functools.cache

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from bonsai_prune.bench.measure import peak_rss_bytes
 from bonsai_prune.bench.slicing import measure_memory, measure_speed
+from bonsai_prune.memory import peak_resident_bytes
 
 
 def _child(argv: list[str]) -> None:
@@ -22,7 +22,7 @@ def _child(argv: list[str]) -> None:
 
         config = PruneConfig.from_dict(json.loads(argv[1]))
         report = prune(config, out_dir=argv[2], progress=False).report
-        print(json.dumps({**report, "peak_rss_bytes": peak_rss_bytes()}))
+        print(json.dumps({**report, "peak_rss_bytes": peak_resident_bytes()}))
     else:
         raise SystemExit(f"unknown benchmark child {argv[0]!r}")
 

@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -61,16 +60,6 @@ def ratio_over_rounds(pruned: list[dict], dense: list[dict], key: str) -> dict:
         "rounds": len(ratios),
         "trusted": spread <= MAX_RATIO_SPREAD,
     }
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited over fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_child(args: list[str]) -> dict:

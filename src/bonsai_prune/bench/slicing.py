@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from bonsai_prune.bench.config import BenchConfig
-from bonsai_prune.bench.measure import peak_rss_bytes, ratio_over_rounds, run_child, timed
+from bonsai_prune.bench.measure import ratio_over_rounds, run_child, timed
+from bonsai_prune.memory import peak_resident_bytes
 
 
 def slice_at_random(model, adapter, sparsity: float, seed: int) -> None:
@@ -103,7 +104,7 @@ def measure_memory(model_dir: str, decode_tokens: int, dtype: str = "auto") -> d
 
     model, tokenizer = load_model(model_dir, dtype=dtype)
     _speed_once(model, tokenizer, bench_prompts(tokenizer), 8, decode_tokens)
-    return {"peak_rss_bytes": peak_rss_bytes()}
+    return {"peak_rss_bytes": peak_resident_bytes()}
 
 
 def dir_bytes(path: Path) -> int:

@@ -35,7 +35,7 @@ from bonsai_prune.data.prompts import exemplars, format_prompt
 from bonsai_prune.errors import ConfigError, DataError, ModelLoadError, UnsupportedModelError
 from bonsai_prune.eval.journal import JOURNAL, BatchJournal, text_digest, weights_digest
 from bonsai_prune.eval.stats import CI_LEVEL, bootstrap_ci, wilson_interval
-from bonsai_prune.memory import release_free_memory
+from bonsai_prune.memory import peak_resident_bytes, release_free_memory
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.loading import DEFAULT_MODEL, load_model, packaged_gguf
 from bonsai_prune.models.pruned import MODEL_DIR, is_pruned_dir
@@ -427,16 +427,9 @@ def size_on_disk(spec: str) -> int | None:
 
 def _peak_memory(model) -> dict:
     """Peak resident memory of this process (since it started), and peak CUDA allocation."""
-    try:
-        import resource
-
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss *= 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    except ImportError:  # Windows
-        rss = None
     on_cuda = model.device.type == "cuda"
     return {
-        "peak_rss_bytes": rss,
+        "peak_rss_bytes": peak_resident_bytes(),
         "peak_cuda_bytes": torch.cuda.max_memory_allocated(model.device) if on_cuda else None,
     }
 
