@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from bonsai_prune.core.row_blocks import ROWS, block_sizes, by_row_blocks
 from bonsai_prune.methods import finercut
-from bonsai_prune.recover.loss import distill_kl
+from bonsai_prune.recover.loss import distill_kl, token_ce
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 31, 32, 33, 65, 100, 1500])
@@ -35,6 +35,23 @@ def test_blocked_kl_has_the_whole_kl_value_and_gradient(n):
     for kl in (lambda s: distill_kl(s, teacher, 2.0), lambda s: _kl_whole(s, teacher, 2.0)):
         s = student.clone().requires_grad_(True)
         value = kl(s)
+        value.backward()
+        grads.append((value.detach(), s.grad))
+    (blocked, g_blocked), (whole, g_whole) = grads
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_blocked, g_whole, rtol=1e-6, atol=1e-12)
+    assert float(whole) > 0
+
+
+@pytest.mark.parametrize("n", [1, 33, 97])
+def test_blocked_ce_has_the_whole_ce_value_and_gradient(n):
+    torch.manual_seed(n)
+    student = (torch.randn(n, 3000) * 3).to(torch.bfloat16)
+    labels = torch.randint(0, 3000, (n,))
+    grads = []
+    for ce in (lambda s: token_ce(s, labels), lambda s: F.cross_entropy(s.float(), labels)):
+        s = student.clone().requires_grad_(True)
+        value = ce(s)
         value.backward()
         grads.append((value.detach(), s.grad))
     (blocked, g_blocked), (whole, g_whole) = grads

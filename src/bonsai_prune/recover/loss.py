@@ -32,8 +32,17 @@ def _row_kl(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
 
 
 def token_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the next tokens ``labels`` (n_tokens,) under the student; a scalar."""
-    return F.cross_entropy(student_logits.float(), labels)
+    """Mean cross-entropy of the next tokens ``labels`` (n_tokens,) under the student; a scalar.
+
+    In fp32 a block of rows at a time, as the KL: over 1,500 rows of the packaged model's
+    vocabulary, forward and backward, 0.54 s -> 0.32 s (fastest of 12, 2 cores, the study
+    running beside), the same gradient bit for bit."""
+    return by_row_blocks(_row_ce, student_logits, labels).mean()
+
+
+def _row_ce(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per row (n,), in fp32."""
+    return F.cross_entropy(student_logits.float(), labels, reduction="none")
 
 
 def recovery_loss(
