@@ -124,7 +124,8 @@ def paired_ratio(
 @dataclass(frozen=True)
 class _PairedProportions:
     """Two proportions on the same items: each one's estimate and Wilson limits, and the phi
-    correlation of the two per-item indicators (0 where one side is constant)."""
+    correlation of the two per-item indicators as Newcombe (1998) takes it (0 where one side
+    is constant)."""
 
     p: tuple[float, float]
     low: tuple[float, float]
@@ -152,7 +153,11 @@ def _paired_proportions(
     k = (both + first_only, both + second_only)
     spread = (both + first_only) * (second_only + neither) * (both + second_only)
     spread *= first_only + neither
-    phi = (both * neither - first_only * second_only) / math.sqrt(spread) if spread else 0.0
+    # Newcombe's phi: a positive association is shrunk by n/2 (and to 0 below it), which widens
+    # the interval where the correlation would narrow it
+    association = both * neither - first_only * second_only
+    association = max(0.0, association - n / 2) if association > 0 else association
+    phi = association / math.sqrt(spread) if spread else 0.0
     limits = [wilson_interval(count, n, level) for count in k]
     return _PairedProportions(
         p=(k[0] / n, k[1] / n),
