@@ -1,8 +1,10 @@
 """bonsai_prune: forward-only structured pruning of LLMs (Bonsai) for math reasoning.
 
 Where things live: heads and neurons are masked and sliced in ``models/llama.py``; U† is
-computed in ``utility/comprehensive.py`` from the metrics in ``utility/metrics.py``; the round
-loop is ``pruner.py``; ``api.prune`` is the entry point.
+combined in ``utility/combine.py`` (the utility: ``utility/comprehensive.py``) from the metrics
+in ``core/metrics.py``; the round loop is ``methods/bonsai.py``; ``api.prune`` is the entry
+point, ``recover.recover`` distils, ``eval.gsm8k.evaluate`` evaluates and
+``eval.compare.compare_evaluations`` sets two evaluations side by side.
 """
 
 __version__ = "0.1.0"

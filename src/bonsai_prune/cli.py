@@ -109,6 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = commands.add_parser(
+        "compare", help="one evaluation against another on the same problems, paired"
+    )
+    p.add_argument("eval", help="an `evaluate --out` folder (the pruned model's, say)")
+    p.add_argument("--baseline", required=True, help="the folder to compare with (the dense)")
+    p.add_argument("--out", default=None, help="write the comparison as JSON")
+    p.set_defaults(handler=_cmd_compare)
+
+    p = commands.add_parser(
         "bench", help="measure evaluation speed, GEMM use, decode speed-up, memory"
     )
     p.add_argument("--quick", action="store_true", help="small settings, minutes on 2 cores")
@@ -267,6 +275,17 @@ def _cmd_evaluate(args) -> int:
     check_out_dir(args.out)  # before the evaluation, not after it
     result = evaluate(config, out_dir=Path(args.out), progress=not args.quiet)
     print(format_summary(result.summary))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from bonsai_prune.eval.compare import compare_evaluations, format_comparison
+    from bonsai_prune.rundir.files import atomic_write_json
+
+    comparison = compare_evaluations(args.eval, args.baseline)
+    print(f"model: {args.eval}\nbaseline: {args.baseline}\n{format_comparison(comparison)}")
+    if args.out:
+        atomic_write_json(Path(args.out), comparison.to_json())
     return 0
 
 

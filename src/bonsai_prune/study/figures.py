@@ -10,15 +10,8 @@ from __future__ import annotations
 import json
 import statistics
 
-from bonsai_prune.eval.stats import (
-    paired_difference,
-    paired_proportion_difference,
-    paired_proportion_ratio,
-    paired_ratio,
-)
+from bonsai_prune.eval.compare import paired_change, paired_kept
 from bonsai_prune.study.grid import Cell, CellRecord, Grid, cell_dir
-
-ACCURACY_PREFIX = "accuracy"  # per-problem 0/1 figures: accuracy_strict, accuracy_flexible, ...
 
 # Paired comparisons: per-problem figures read from each cell's eval/generations.jsonl.
 # (key in a generation record, header, scale, format)
@@ -51,7 +44,7 @@ def per_problem(grid: Grid, record: CellRecord, folder: str = "eval") -> list[di
         return [json.loads(line) for line in lines if line.strip()]
 
 
-def _sides(grid: Grid, rows: list[dict] | None, base: list[dict] | None, key: str):
+def _sides(rows: list[dict] | None, base: list[dict] | None, key: str):
     if rows is None or base is None:
         return None
     return [r.get(key) for r in rows], [r.get(key) for r in base]
@@ -59,26 +52,19 @@ def _sides(grid: Grid, rows: list[dict] | None, base: list[dict] | None, key: st
 
 def kept(grid: Grid, rows: list[dict] | None, base: list[dict] | None, key: str):
     """Mean of one per-problem figure of ``rows`` over its mean in ``base`` (the same problems
-    in the same order) with a paired 95% CI: (ratio, low, high), or None if either is missing.
-    Accuracies (0/1 per problem) get Wilson limits combined (MOVER), which stay open when a
-    model solved none; other figures a paired bootstrap."""
-    sides = _sides(grid, rows, base, key)
-    if sides is None:
-        return None
-    if key.startswith(ACCURACY_PREFIX):
-        return paired_proportion_ratio(*sides)
-    return paired_ratio(*sides, grid.eval_config.n_bootstrap, grid.eval_config.seed)
+    in the same order) with a paired 95% CI (:func:`bonsai_prune.eval.compare.paired_kept`):
+    (ratio, low, high), or None if either is missing."""
+    sides = _sides(rows, base, key)
+    e = grid.eval_config
+    return None if sides is None else paired_kept(key, *sides, e.n_bootstrap, e.seed)
 
 
 def change(grid: Grid, rows: list[dict] | None, base: list[dict] | None, key: str):
-    """Mean per-problem difference ``rows - base`` of one figure with a paired 95% CI, as
-    :func:`kept` chooses it: (difference, low, high), or None if either is missing."""
-    sides = _sides(grid, rows, base, key)
-    if sides is None:
-        return None
-    if key.startswith(ACCURACY_PREFIX):
-        return paired_proportion_difference(*sides)
-    return paired_difference(*sides, grid.eval_config.n_bootstrap, grid.eval_config.seed)
+    """Mean per-problem difference ``rows - base`` of one figure with a paired 95% CI
+    (:func:`bonsai_prune.eval.compare.paired_change`), or None if either is missing."""
+    sides = _sides(rows, base, key)
+    e = grid.eval_config
+    return None if sides is None else paired_change(key, *sides, e.n_bootstrap, e.seed)
 
 
 REPEATED = ("accuracy_strict", "u_dagger", "reference_nll")  # compared where a model ran twice
