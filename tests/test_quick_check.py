@@ -33,3 +33,4 @@ def test_quick_check_measures_both_models_and_prints_the_next_commands(tokenizer
     assert check.speedup == tps["pruned"] / tps["dense"]
     text = format_check(check, "runs/x")
     assert "reference perplexity: dense" in text and "bonsai-prune evaluate --model runs/x" in text
+    assert "bonsai-prune compare runs/x/eval --baseline runs/x/eval-dense" in text

@@ -176,7 +176,8 @@ def _cmd_prune(args) -> int:
 
         dense = load_model(config.model, dtype=config.dtype, device=config.device)
         pruned = (result.model, result.tokenizer)
-        print(format_check(quick_check({"dense": dense, "pruned": pruned}), args.out))
+        check = quick_check({"dense": dense, "pruned": pruned})
+        print(format_check(check, args.out, parent=config.model))
     return 0
 
 

@@ -76,7 +76,7 @@ def quick_check(
     )
 
 
-def format_check(check: QuickCheck, out: str | None) -> str:
+def format_check(check: QuickCheck, out: str | None, parent: str = "default") -> str:
     """The table and the next commands, as ``prune`` prints them."""
     ppl, tps = check.perplexity, check.decode_tokens_per_s
     lines = [
@@ -90,6 +90,8 @@ def format_check(check: QuickCheck, out: str | None) -> str:
         lines += [
             "next:",
             f"  bonsai-prune evaluate --model {out} --limit 300 --out {out}/eval",
+            f"  bonsai-prune evaluate --model {parent} --limit 300 --out {out}/eval-dense",
+            f"  bonsai-prune compare {out}/eval --baseline {out}/eval-dense",
             f"  python -c \"import bonsai_prune as bp; m, t = bp.load_pruned('{out}')\"",
         ]
     return "\n".join(lines)
