@@ -26,21 +26,28 @@ def _kl_whole(s, t, temperature):
     return F.kl_div(log_s, log_t, log_target=True, reduction="none").sum(-1).mean() * temperature**2
 
 
-@pytest.mark.parametrize("n", [1, 33, 97])
-def test_blocked_kl_has_the_whole_kl_value_and_gradient(n):
-    torch.manual_seed(n)
-    teacher = torch.randn(n, 3000, dtype=torch.bfloat16) * 3
-    student = (teacher.float() + torch.randn(n, 3000)).to(torch.bfloat16)
+def _assert_same_value_and_gradient(student, blocked_fn, whole_fn):
+    """The blocked loss and its definition over all rows: the same value and gradient."""
     grads = []
-    for kl in (lambda s: distill_kl(s, teacher, 2.0), lambda s: _kl_whole(s, teacher, 2.0)):
+    for fn in (blocked_fn, whole_fn):
         s = student.clone().requires_grad_(True)
-        value = kl(s)
+        value = fn(s)
         value.backward()
         grads.append((value.detach(), s.grad))
     (blocked, g_blocked), (whole, g_whole) = grads
     torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)
     torch.testing.assert_close(g_blocked, g_whole, rtol=1e-6, atol=1e-12)
     assert float(whole) > 0
+
+
+@pytest.mark.parametrize("n", [1, 33, 97])
+def test_blocked_kl_has_the_whole_kl_value_and_gradient(n):
+    torch.manual_seed(n)
+    teacher = torch.randn(n, 3000, dtype=torch.bfloat16) * 3
+    student = (teacher.float() + torch.randn(n, 3000)).to(torch.bfloat16)
+    _assert_same_value_and_gradient(
+        student, lambda s: distill_kl(s, teacher, 2.0), lambda s: _kl_whole(s, teacher, 2.0)
+    )
 
 
 @pytest.mark.parametrize("n", [1, 33, 97])
@@ -48,16 +55,9 @@ def test_blocked_ce_has_the_whole_ce_value_and_gradient(n):
     torch.manual_seed(n)
     student = (torch.randn(n, 3000) * 3).to(torch.bfloat16)
     labels = torch.randint(0, 3000, (n,))
-    grads = []
-    for ce in (lambda s: token_ce(s, labels), lambda s: F.cross_entropy(s.float(), labels)):
-        s = student.clone().requires_grad_(True)
-        value = ce(s)
-        value.backward()
-        grads.append((value.detach(), s.grad))
-    (blocked, g_blocked), (whole, g_whole) = grads
-    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=0)
-    torch.testing.assert_close(g_blocked, g_whole, rtol=1e-6, atol=1e-12)
-    assert float(whole) > 0
+    _assert_same_value_and_gradient(
+        student, lambda s: token_ce(s, labels), lambda s: F.cross_entropy(s.float(), labels)
+    )
 
 
 def test_blocked_js_has_the_whole_rows_values():
