@@ -141,14 +141,16 @@ def _mean(values: list) -> float | None:
     return sum(present) / len(present) if present else None
 
 
+def format_interval(value: Interval | None, scale: float, fmt: str) -> str:
+    """``estimate [low, high]``, each scaled and formatted alike; ``n/a`` where undefined."""
+    if not value:
+        return "n/a"
+    mean, low, high = (scale * v for v in value)
+    return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
+
+
 def format_comparison(comparison: Comparison) -> str:
     """A plain-text table: each figure for both, the share kept and the paired change."""
-
-    def interval(value: Interval | None, scale: float, fmt: str) -> str:
-        if value is None:
-            return "n/a"
-        mean, low, high = (scale * v for v in value)
-        return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
 
     head = ["figure", "model", "baseline", "kept (model / baseline)", "change (model - baseline)"]
     lines = [[*head]]
@@ -161,8 +163,8 @@ def format_comparison(comparison: Comparison) -> str:
                 label,
                 "n/a" if row["model"] is None else format(scale * row["model"], fmt),
                 "n/a" if row["baseline"] is None else format(scale * row["baseline"], fmt),
-                interval(row["kept"], 1.0, ".2f"),
-                interval(row["change"], scale, "+" + fmt),
+                format_interval(row["kept"], 1.0, ".2f"),
+                format_interval(row["change"], scale, "+" + fmt),
             ]
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

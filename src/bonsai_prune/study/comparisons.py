@@ -6,6 +6,7 @@ and :func:`~bonsai_prune.study.figures.change` (:mod:`bonsai_prune.eval.stats`).
 
 from __future__ import annotations
 
+from bonsai_prune.eval.compare import format_interval
 from bonsai_prune.study.figures import (
     PAIRED_METRICS,
     change,
@@ -17,7 +18,6 @@ from bonsai_prune.study.figures import (
     scaled,
     spread,
     table_head,
-    triple,
     with_ci,
 )
 from bonsai_prune.study.grid import (
@@ -72,11 +72,11 @@ def _kept_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecord]) 
         full = per_problem(grid, record, FULL_EVAL_DIR) if record.full_summary else None
         lines.append(
             f"| {sparsity:g} | {labels[key]} | {with_ci(record.summary, 'accuracy_strict', 100, '.1f')} "
-            f"| {triple(kept(grid, rows, base, 'accuracy_strict'), 1, '.2f')} "
-            f"| {triple(kept(grid, rows, base, 'u_dagger'), 1, '.2f')} "
+            f"| {format_interval(kept(grid, rows, base, 'accuracy_strict'), 1, '.2f')} "
+            f"| {format_interval(kept(grid, rows, base, 'u_dagger'), 1, '.2f')} "
             f"| {number(record.summary.get('reference_perplexity'), '.2f')} "
-            f"| {triple(kept(grid, full, full_base, 'accuracy_strict'), 1, '.2f')} "
-            f"| {triple(kept(grid, full, full_base, 'u_dagger'), 1, '.2f')} |"
+            f"| {format_interval(kept(grid, full, full_base, 'accuracy_strict'), 1, '.2f')} "
+            f"| {format_interval(kept(grid, full, full_base, 'u_dagger'), 1, '.2f')} |"
         )
     return lines
 
@@ -119,7 +119,7 @@ def _contrast_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecor
                 continue
             first = [per_problem(grid, records[cells[0].key]) for cells in series]
             diffs = [
-                triple(change(grid, *first, key), scale, fmt)
+                format_interval(change(grid, *first, key), scale, fmt)
                 for key, _, scale, fmt in PAIRED_METRICS
             ]
             over_seeds = [
@@ -160,8 +160,8 @@ def against_dense_lines(grid: Grid, cells: list[Cell], records: dict[str, CellRe
         kept_u = kept(grid, of, base, "u_dagger")
         nll = change(grid, of, base, "reference_nll")
         lines.append(
-            f"| {label} | {triple(kept_strict, 1, '.2f')} | {triple(kept_u, 1, '.2f')} "
-            f"| {triple(nll, 1, '+.3f')} |"
+            f"| {label} | {format_interval(kept_strict, 1, '.2f')} | {format_interval(kept_u, 1, '.2f')} "
+            f"| {format_interval(nll, 1, '+.3f')} |"
         )
     return lines
 
@@ -194,7 +194,7 @@ def paired_lines(grid: Grid, cells: list[Cell], records: dict[str, CellRecord]) 
         rows = per_problem(grid, records[cell.key])
         texts = [cell.label]
         for key, _, scale, fmt in PAIRED_METRICS:
-            texts.append(triple(change(grid, rows, base, key), scale, fmt))
+            texts.append(format_interval(change(grid, rows, base, key), scale, fmt))
         lines.append("| " + " | ".join(texts) + " |")
     return lines
 
@@ -242,9 +242,9 @@ def full_split_lines(grid: Grid, shown: list[Cell], records: dict[str, CellRecor
             number(s.get("reference_perplexity"), ".2f"),
         ]
         rows = None if key == grid.dense_key else per_problem(grid, records[key], FULL_EVAL_DIR)
-        texts.append(triple(kept(grid, rows, base, "accuracy_strict"), 1, ".2f"))
+        texts.append(format_interval(kept(grid, rows, base, "accuracy_strict"), 1, ".2f"))
         diff = change(grid, rows, base, "accuracy_strict")
-        texts.append(triple(diff, 100, "+.1f"))
+        texts.append(format_interval(diff, 100, "+.1f"))
         lines.append("| " + " | ".join(texts) + " |")
     shown_keys = ([grid.dense_key] if dense.full_summary else []) + keys
     return lines + _repeat_lines(grid, records, shown_keys, labels)

@@ -94,13 +94,6 @@ def repeat_figures(first: list[dict], again: list[dict]) -> dict:
     return result
 
 
-def triple(value: tuple[float, float, float] | None, scale: float, fmt: str) -> str:
-    if not value:
-        return "n/a"
-    mean, low, high = (scale * v for v in value)
-    return f"{mean:{fmt}} [{low:{fmt}}, {high:{fmt}}]"
-
-
 def with_ci(summary: dict, key: str, scale: float, fmt: str) -> str:
     text = number(scaled(summary.get(key), scale), fmt)
     return text + ci_text(summary.get(f"{key}_ci"), scale, fmt)
