@@ -85,8 +85,36 @@ def test_compare_command_prints_the_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "100 problems both answered" in printed and "0.50 [" in printed
     saved = json.loads(out.read_text())
-    ratio, low, high = saved["figures"]["accuracy_strict"]["kept"]
+    assert saved["baseline"] == str(dense)
+    ratio, low, high = saved["models"][str(pruned)]["figures"]["accuracy_strict"]["kept"]
     assert ratio == pytest.approx(0.5) and low < 0.5 < high and not math.isnan(high)
+
+
+def test_several_models_are_compared_in_one_table(tmp_path, capsys):
+    dense = _write_eval(tmp_path / "dense", [1.0, 0.0, 1.0, 0.0] * 25, [1.0] * 100)
+    half = _write_eval(tmp_path / "half", [1.0, 0.0, 0.0, 0.0] * 25, [1.2] * 100)
+    none = _write_eval(tmp_path / "none", [0.0] * 60, [1.5] * 60, max_new_tokens=128)
+    out = tmp_path / "comparison.json"
+    code = main(["compare", str(half), str(none), "--baseline", str(dense), "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in printed if line.startswith(str(tmp_path))}
+    assert rows[str(half)][1:4] == ["100", "25.0", "0.50"]
+    assert rows[str(none)][1:4] == ["60", "0.0", "0.00"]  # its 60 problems, paired
+    assert "+0.500" in " ".join(rows[str(none)])  # reference NLL 1.5 against 1.0
+    assert any(f"{none}: max_new_tokens differs" in line for line in printed)
+    saved = json.loads(out.read_text())["models"]
+    assert saved[str(none)]["n"] == 60 and saved[str(half)]["n"] == 100
+
+
+def test_several_models_are_all_checked_before_anything_is_written(tmp_path, capsys):
+    dense = _write_eval(tmp_path / "dense", [1.0, 0.0], [1.0, 1.0])
+    good = _write_eval(tmp_path / "good", [1.0, 0.0], [1.0, 1.0])
+    out = tmp_path / "comparison.json"
+    code = main(["compare", str(good), str(tmp_path), "--baseline", str(dense), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 2 and "not a finished evaluation" in captured.err
+    assert not out.exists() and "baseline:" not in captured.out
 
 
 def test_compare_command_refuses_a_folder_that_is_not_an_evaluation(tmp_path, capsys):

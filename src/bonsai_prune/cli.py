@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = commands.add_parser(
-        "compare", help="one evaluation against another on the same problems, paired"
+        "compare", help="evaluations against a baseline's on the same problems, paired"
     )
-    p.add_argument("eval", help="an `evaluate --out` folder (the pruned model's, say)")
+    p.add_argument("eval", nargs="+", help="`evaluate --out` folders (the pruned models', say)")
     p.add_argument("--baseline", required=True, help="the folder to compare with (the dense)")
     p.add_argument("--out", default=None, help="write the comparison as JSON")
     p.set_defaults(handler=_cmd_compare)
@@ -280,13 +280,25 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from bonsai_prune.eval.compare import compare_evaluations, format_comparison
+    from bonsai_prune.eval.compare import compare_evaluations, format_comparison, format_overview
     from bonsai_prune.rundir.files import atomic_write_json
 
-    comparison = compare_evaluations(args.eval, args.baseline)
-    print(f"model: {args.eval}\nbaseline: {args.baseline}\n{format_comparison(comparison)}")
     if args.out:
-        atomic_write_json(Path(args.out), comparison.to_json())
+        check_out_file(args.out)
+    # every folder is read and checked before anything is printed or written
+    comparisons = {folder: compare_evaluations(folder, args.baseline) for folder in args.eval}
+    print(f"baseline: {args.baseline}")
+    if len(comparisons) == 1:
+        [(folder, comparison)] = comparisons.items()
+        print(f"model: {folder}\n{format_comparison(comparison)}")
+    else:
+        print(
+            f"paired 95% CIs on the problems each model and the baseline both answered\n"
+            f"{format_overview(comparisons)}"
+        )
+    if args.out:
+        saved = {folder: c.to_json() for folder, c in comparisons.items()}
+        atomic_write_json(Path(args.out), {"baseline": args.baseline, "models": saved})
     return 0
 
 

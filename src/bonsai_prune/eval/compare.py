@@ -178,3 +178,36 @@ def format_comparison(comparison: Comparison) -> str:
             f"note: {setting} differs ({mine!r} against {theirs!r}): the figures mean other things"
         )
     return "\n".join(text)
+
+
+# the columns of the several-models table: figure, its scale and format (the share kept where
+# it reads one way, the paired change for the reference NLL)
+_OVERVIEW = (("accuracy_strict", 100.0, ".1f"), ("u_dagger", 1.0, ".1f"))
+
+
+def format_overview(comparisons: dict[str, Comparison]) -> str:
+    """Several models against one baseline, one row each: strict accuracy and U† with the share
+    of the baseline's they kept, and the change of the reference NLL; paired 95% CIs."""
+    head = ["model", "problems", "strict acc. (%)", "kept", "U†", "kept", "ref. NLL change"]
+    lines = [head]
+    for name, comparison in comparisons.items():
+        row = [name, str(comparison.n)]
+        for key, scale, fmt in _OVERVIEW:
+            figure = comparison.rows.get(key)
+            if figure is None or figure["model"] is None:
+                row += ["n/a", "n/a"]
+                continue
+            row.append(format(scale * figure["model"], fmt))
+            row.append(format_interval(figure["kept"], 1.0, ".2f"))
+        nll = comparison.rows.get("reference_nll")
+        row.append(format_interval(nll["change"] if nll else None, 1.0, "+.3f"))
+        lines.append(row)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    text = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    ]
+    for name, comparison in comparisons.items():
+        for setting, (mine, theirs) in comparison.settings_differ.items():
+            text.append(f"note: {name}: {setting} differs ({mine!r} against {theirs!r})")
+    return "\n".join(text)
