@@ -232,7 +232,7 @@ def test_a_model_whose_decode_copies_would_not_fit_falls_back(monkeypatch):
 
 
 def test_available_memory_reads_this_machine():
-    from bonsai_prune.models.decoding import available_memory
+    from bonsai_prune.memory import available_memory
 
     if not os.path.exists("/proc/meminfo"):
         pytest.skip("no /proc/meminfo: the free memory is unknown here, and the decoder lean")

@@ -12,13 +12,20 @@ import torch
 from conftest import tiny_llama
 
 from bonsai_prune.data.problems import Problem
-from bonsai_prune.errors import BonsaiPruneError, ConfigError, ModelLoadError, RunDirectoryError
+from bonsai_prune.errors import (
+    BonsaiPruneError,
+    ConfigError,
+    MemoryBudgetError,
+    ModelLoadError,
+    RunDirectoryError,
+)
 from bonsai_prune.models import adapter_for
 from bonsai_prune.models.pruned import MODEL_DIR, load_pruned, save_model
 from bonsai_prune.recover import RecoverConfig, recover
 from bonsai_prune.recover import data as rdata
 from bonsai_prune.recover.data import Sequence, collate, encode, plan_batches, split_held_out
 from bonsai_prune.recover.loss import distill_kl, recovery_loss
+from bonsai_prune.recover.step_memory import HEADROOM, probe_step_memory
 from bonsai_prune.recover.trainer import accumulate_gradients, lr_factor, micro_batches
 from bonsai_prune.rundir.files import atomic_write_json
 
@@ -317,3 +324,44 @@ def test_the_packaged_parent_is_named_in_the_solutions_cache_by_its_gguf_not_its
     assert not Path(identity).exists() and _teacher_identity("some/folder") == "some/folder"
     path = shared_self_cache(Path("root"), identity, "chat", 256, "torch.bfloat16")
     assert path == Path("root") / "e1265ff93f4cde4bba97.jsonl"  # the study's kept solutions
+
+
+def _free(monkeypatch, value):
+    monkeypatch.setattr(
+        importlib.import_module("bonsai_prune.recover"), "available_memory", lambda: value
+    )
+
+
+def test_a_step_the_free_memory_cannot_hold_is_split(parent_and_run, tmp_path, monkeypatch, capsys):
+    dense, run = parent_and_run
+    config = RecoverConfig(**{**FAST, "batch_size": 4, "max_tokens": 600}, eval_every=0)
+    # the estimate counts the process's resident memory once more: held still here
+    monkeypatch.setattr(
+        importlib.import_module(probe_step_memory.__module__), "resident_bytes", lambda: 2**28
+    )
+    student, _ = load_pruned(run)
+    memory = probe_step_memory(student.float(), torch.float32, config, None)
+    _free(monkeypatch, int((memory.step_bytes(2) + memory.row_bytes // 2) / HEADROOM))
+    recover(run, tmp_path / "out", config)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["complete"] and report["micro_batch_size_used"] == 2
+    assert "2 rows at a time" in capsys.readouterr().err
+    assert report["config"]["micro_batch_size"] == 0  # the setting the user gave is kept
+
+
+def test_a_step_that_cannot_fit_is_refused_before_anything_is_written(
+    parent_and_run, tmp_path, monkeypatch
+):
+    _, run = parent_and_run
+    _free(monkeypatch, 1024)
+    with pytest.raises(MemoryBudgetError, match="are free: free memory, lower --max-length") as e:
+        recover(run, tmp_path / "out", RecoverConfig(**FAST), progress=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    # a micro-batch size the user sets is taken as given
+    recover(
+        run,
+        tmp_path / "set",
+        RecoverConfig(**{**FAST, "max_tokens": 300}, micro_batch_size=1),
+        progress=False,
+    )
+    assert json.loads((tmp_path / "set" / "report.json").read_text())["micro_batch_size_used"] == 1

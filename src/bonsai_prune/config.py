@@ -418,7 +418,8 @@ class RecoverConfig(_JsonConfig):
     micro_batch_size: int = option(
         0,
         "sequences per forward and backward, their gradients summed into the step's (0: the "
-        "whole batch): a lower value cuts the memory activations take, at some speed",
+        "whole batch where the free memory holds it, else the most rows that fit): a lower "
+        "value cuts the memory activations take, at some speed",
     )
     max_length: int = option(384, "prompt + solution tokens kept per sequence (GSM8K fits in ~300)")
     data: str = option(

@@ -31,3 +31,7 @@ class RunDirectoryError(BonsaiPruneError):
 
 class PruningError(BonsaiPruneError):
     """A run cannot continue (every sub-model failed, target unreachable)."""
+
+
+class MemoryBudgetError(BonsaiPruneError):
+    """The work would not fit in the free memory, whatever it is split into."""

@@ -1,5 +1,5 @@
-"""A process's memory: what it holds now and at its peak, and giving freed memory back to the
-operating system between steps of long work.
+"""A process's memory: what it holds now and at its peak, what the machine has free, and giving
+freed memory back to the operating system between steps of long work.
 
 glibc's malloc serves tensors from its heap once freeing a large one has raised its mmap
 threshold, and a heap fragmented by tensors of changing shapes (recovery batches of different
@@ -30,6 +30,18 @@ def _status_bytes(field: str) -> int | None:
     for line in lines:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes of memory free for new allocations (Linux's MemAvailable; None where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return None
 
 

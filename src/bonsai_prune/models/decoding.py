@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bonsai_prune.errors import UnsupportedModelError
+from bonsai_prune.memory import available_memory
 from bonsai_prune.models.adapter import adapter_for
 from bonsai_prune.models.attention import EmptyAttention
 
@@ -95,18 +96,6 @@ def _why_not_room(model) -> str | None:
         f"its decode copies of the weights ({copies / 2**30:.1f} GiB) would take over half "
         f"the free memory ({free / 2**30:.1f} GiB): transformers' generate decodes it"
     )
-
-
-def available_memory() -> int | None:
-    """Bytes of memory free for new allocations (Linux's MemAvailable; None where unknown)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 @dataclass

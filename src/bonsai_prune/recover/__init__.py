@@ -19,7 +19,9 @@ Minitron (arXiv 2407.14679) and self-data distillation (arXiv 2410.09982) are th
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,8 @@ import torch
 
 from bonsai_prune.config import RecoverConfig
 from bonsai_prune.data.problems import load_gsm8k
-from bonsai_prune.errors import ModelLoadError, RunDirectoryError
+from bonsai_prune.errors import MemoryBudgetError, ModelLoadError, RunDirectoryError
+from bonsai_prune.memory import available_memory
 from bonsai_prune.models import adapter_for, load_model
 from bonsai_prune.models.loading import cache_dir, packaged_gguf, resolve_dtype
 from bonsai_prune.models.pruned import (
@@ -46,6 +49,7 @@ from bonsai_prune.recover.data import (
     shared_self_cache,
     split_held_out,
 )
+from bonsai_prune.recover.step_memory import probe_step_memory, rows_that_fit
 from bonsai_prune.recover.trainer import TrainState, train
 from bonsai_prune.rundir.files import atomic_write_json, read_json
 
@@ -111,8 +115,10 @@ def recover(
     teacher_model, teacher_tok = load_model(teacher_spec, dtype=config.dtype)
     _check_same_tokenizer(tokenizer, teacher_tok, teacher_spec)
     teacher_model.eval().requires_grad_(False)
-    _prepare_out(out, run_dir, config, resume=resume, overwrite=overwrite)
     autocast = compute if compute != torch.float32 else None
+    # before anything is written or generated: a step that cannot fit is refused first
+    micro_batch = _micro_batch_size(student, teacher_model.dtype, config, autocast, progress)
+    _prepare_out(out, run_dir, config, resume=resume, overwrite=overwrite)
 
     train_problems, held_out = split_held_out(load_gsm8k("train"), config.n_eval, config.seed)
     t0 = time.perf_counter()
@@ -146,6 +152,7 @@ def recover(
         "n_steps": len(plan),
         "n_sequences": len(sequences),
         "compute_dtype": str(compute).removeprefix("torch."),
+        "micro_batch_size_used": micro_batch,
         "threads": torch.get_num_threads(),
     }
 
@@ -158,7 +165,7 @@ def recover(
         sequences,
         plan,
         eval_batches,
-        config,
+        dataclasses.replace(config, micro_batch_size=micro_batch),
         pad_id=tokenizer.pad_token_id,
         ckpt_dir=out / "checkpoints",
         autocast_dtype=autocast,
@@ -182,6 +189,36 @@ def recover(
     report["complete"] = True
     atomic_write_json(out / "report.json", report)
     return RecoverResult(student, tokenizer, report, out, complete=True)
+
+
+def _micro_batch_size(student, teacher_dtype, config: RecoverConfig, autocast, progress) -> int:
+    """Rows per forward and backward: the config's where it sets them; else the whole batch,
+    or the most rows whose step the free memory holds (:mod:`~bonsai_prune.recover.step_memory`),
+    said in one line. Refused before any training where not even one row would fit."""
+    if config.micro_batch_size:
+        return config.micro_batch_size
+    free = available_memory()
+    if free is None:
+        return config.batch_size
+    memory = probe_step_memory(student, teacher_dtype, config, autocast)
+    rows = rows_that_fit(memory, config.batch_size, free)
+    gib = 2**30
+    if rows == 0:
+        raise MemoryBudgetError(
+            f"a recovery step needs about {memory.step_bytes(1) / gib:.1f} GiB beside the models "
+            f"even one row of {config.max_length} tokens at a time, and {free / gib:.1f} GiB "
+            "are free: free memory, lower --max-length, or --train lora"
+        )
+    if rows < config.batch_size and progress:
+        print(
+            f"recover: a step of {config.batch_size} rows would need about "
+            f"{memory.step_bytes(config.batch_size) / gib:.1f} GiB and {free / gib:.1f} GiB are "
+            f"free: {rows} rows at a time (the same gradients, to rounding; "
+            "--micro-batch-size sets it)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return rows
 
 
 def _figures(state: TrainState) -> dict:

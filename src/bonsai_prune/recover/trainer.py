@@ -50,6 +50,19 @@ def scored_logits(model, batch: TokenBatch, autocast_dtype: torch.dtype | None) 
         return model.get_output_embeddings()(hidden[batch.target_mask])  # (n_scored, V)
 
 
+def step_loss(student_logits, teacher_logits, labels, config: RecoverConfig):
+    """:func:`~bonsai_prune.recover.loss.recovery_loss` with ``config``'s temperature and
+    weights: ``(loss, kl, ce)``."""
+    return recovery_loss(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=config.temperature,
+        kl_weight=config.kl_weight,
+        ce_weight=config.ce_weight,
+    )
+
+
 @torch.no_grad()
 def held_out_figures(
     student, teacher, batches: list[TokenBatch], temperature: float, autocast_dtype
@@ -128,14 +141,7 @@ def accumulate_gradients(
             t_logits = scored_logits(teacher, batch, None) if config.kl_weight else None
         t1 = time.perf_counter()
         s_logits = scored_logits(student, batch, autocast_dtype)
-        loss, kl, ce = recovery_loss(
-            s_logits,
-            t_logits,
-            batch.labels,
-            temperature=config.temperature,
-            kl_weight=config.kl_weight,
-            ce_weight=config.ce_weight,
-        )
+        loss, kl, ce = step_loss(s_logits, t_logits, batch.labels, config)
         (loss * share).backward()
         seconds["teacher"] += t1 - t0
         seconds["student"] += time.perf_counter() - t1
