@@ -25,19 +25,15 @@ def measure(run: str, micro: int, steps: int, dtype: str) -> dict:
     from bonsai_prune.config import RecoverConfig
     from bonsai_prune.data.problems import load_gsm8k
     from bonsai_prune.memory import peak_resident_bytes, release_free_memory, resident_bytes
-    from bonsai_prune.models.loading import load_model, resolve_dtype
-    from bonsai_prune.models.pruned import load_pruned
+    from bonsai_prune.recover import load_pair
     from bonsai_prune.recover.data import collate, gold_sequences
     from bonsai_prune.recover.step_memory import probe_step_memory
     from bonsai_prune.recover.trainer import accumulate_gradients, micro_batches
 
     config = RecoverConfig(micro_batch_size=micro, dtype=dtype)
-    student, tokenizer = load_pruned(run)
-    student = student.float()
-    teacher, _ = load_model("default", dtype=config.dtype)
-    teacher.eval().requires_grad_(False)
-    compute = resolve_dtype(config.dtype)
-    autocast = compute if compute != torch.float32 else None
+    pair = load_pair(run, "default", config)
+    student, tokenizer, teacher = pair.student, pair.tokenizer, pair.teacher
+    autocast = pair.autocast
     rows = gold_sequences(tokenizer, load_gsm8k("train")[:400], config.prompt, config.max_length)
     rows = sorted(rows, key=lambda s: -len(s.ids))[: config.batch_size]
     optimizer = torch.optim.AdamW(
@@ -72,6 +68,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1 (the first step is a warm-up, not timed)")
     if args.one:
         print(json.dumps(measure(args.run, args.micro[0], args.steps, args.dtype)))
         return

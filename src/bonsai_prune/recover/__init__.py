@@ -79,6 +79,31 @@ def _teacher_identity(spec: str) -> str:
     return f"default:{gguf.name}:{gguf.stat().st_size}"
 
 
+@dataclass
+class Pair:
+    """A pruned student ready to train and its frozen teacher."""
+
+    student: torch.nn.Module  # fp32 master weights, whatever dtype it was saved in
+    tokenizer: object
+    teacher: torch.nn.Module  # in the config's dtype, eval mode, no gradients
+    autocast: torch.dtype | None  # the student's compute dtype (None: fp32, no autocast)
+    saved_dtype: torch.dtype  # the dtype the recovered student is saved in
+
+
+def load_pair(run_dir: str | Path, teacher_spec: str, config: RecoverConfig) -> Pair:
+    """The student in ``run_dir`` and the teacher ``teacher_spec``, as ``recover`` trains them
+    (a teacher with another tokenizer is refused)."""
+    student, tokenizer = load_pruned(run_dir)
+    saved_dtype = student.dtype
+    student = student.float()  # before the teacher loads: the saved-dtype copy is freed first
+    compute = resolve_dtype(config.dtype)
+    teacher, teacher_tok = load_model(teacher_spec, dtype=config.dtype)
+    _check_same_tokenizer(tokenizer, teacher_tok, teacher_spec)
+    teacher.eval().requires_grad_(False)
+    autocast = compute if compute != torch.float32 else None
+    return Pair(student, tokenizer, teacher, autocast, saved_dtype)
+
+
 def recover(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -108,14 +133,10 @@ def recover(
     if not teacher_spec:
         raise RunDirectoryError(f"{run_dir}/config.json names no parent model; pass teacher=")
     started, cpu_started = time.perf_counter(), time.process_time()
-    student, tokenizer = load_pruned(run_dir)
-    saved_dtype = student.dtype
-    student = student.float()
-    compute = resolve_dtype(config.dtype)
-    teacher_model, teacher_tok = load_model(teacher_spec, dtype=config.dtype)
-    _check_same_tokenizer(tokenizer, teacher_tok, teacher_spec)
-    teacher_model.eval().requires_grad_(False)
-    autocast = compute if compute != torch.float32 else None
+    pair = load_pair(run_dir, teacher_spec, config)
+    student, tokenizer, teacher_model = pair.student, pair.tokenizer, pair.teacher
+    autocast = pair.autocast
+    compute = autocast or torch.float32
     # before anything is written or generated: a step that cannot fit is refused first
     micro_batch = _micro_batch_size(student, teacher_model.dtype, config, autocast, progress)
     _prepare_out(out, run_dir, config, resume=resume, overwrite=overwrite)
@@ -180,7 +201,7 @@ def recover(
 
     if config.train == "lora":
         student = student.merge_and_unload()
-    student = student.to(saved_dtype).eval()
+    student = student.to(pair.saved_dtype).eval()
     save_model(out, student, tokenizer, adapter_for(student).structure(student))
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     report["wall_seconds_this_call"] = time.perf_counter() - started
