@@ -379,6 +379,7 @@ def test_a_grid_runs_caches_resumes_and_reports(tmp_path, tokenizer, monkeypatch
         r"\| 0\.1 \| pruned \| [+-][\d.]+ \[.*\| [\d.]+ ± [\d.]+ \(2\) / [\d.]+ \(1\) \|", summary
     )
     assert "| 0.2 | pruned |" not in summary
+    assert "| Δ U† over seeds |" in summary  # n/a here: random has one seed
     for name in ("accuracy", "flexible", "udagger", "perplexity", "answer_prob"):
         assert (out / f"{name}_vs_sparsity.png").stat().st_size > 1000
     assert (out / "layers_0.1.png").is_file() and (out / "layers_0.2.png").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from bonsai_prune.eval.stats import (
     paired_proportion_difference,
     paired_proportion_ratio,
     paired_ratio,
+    welch_difference,
     wilson_interval,
 )
 
@@ -159,3 +161,17 @@ def test_paired_proportion_intervals_cover_the_truth(both, first_only, second_on
         _, low, high = paired_proportion_difference(first, second)
         diffs += low <= true_diff <= high
     assert ratios / trials >= 0.92 and diffs / trials >= 0.92
+
+
+def test_welch_difference_matches_scipy_and_needs_two_seeds_a_side():
+    from scipy.stats import ttest_ind
+
+    a, b = [17.1, 18.8, 16.9], [15.0, 19.4, 11.0]
+    difference, low, high = welch_difference(a, b)
+    reference = ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert difference == pytest.approx(sum(a) / 3 - sum(b) / 3)
+    assert (low, high) == pytest.approx((reference.low, reference.high), rel=1e-9)
+    se = (statistics.variance(a) / 3 + statistics.variance(b) / 3) ** 0.5
+    assert high - low > 1.9 * 2 * 1.96 * se  # t at 2.2 dof is 3.9: twice the normal quantile
+    assert welch_difference(a, [15.0]) is None and welch_difference([1.0], b) is None
+    assert welch_difference([2.0, 2.0], [1.0, 1.0]) == (1.0, 1.0, 1.0)  # no spread: a point

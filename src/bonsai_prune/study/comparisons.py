@@ -7,6 +7,7 @@ and :func:`~bonsai_prune.study.figures.change` (:mod:`bonsai_prune.eval.stats`).
 from __future__ import annotations
 
 from bonsai_prune.eval.compare import format_interval
+from bonsai_prune.eval.stats import welch_difference
 from bonsai_prune.study.figures import (
     PAIRED_METRICS,
     change,
@@ -90,7 +91,8 @@ def _contrast_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecor
         f"**{a} against {b}.** {a} minus {b}, problem by problem on the first seed (paired "
         "95% CIs: which problems were drawn), and each one's U† and reference "
         "perplexity over its finished seeds (mean ± sample standard deviation, n seeds: the "
-        "pruning run's own randomness).",
+        "pruning run's own randomness) with the difference of the seed means (Welch's 95% "
+        "CI, where both have two seeds or more).",
         "",
         *table_head(
             [
@@ -98,7 +100,9 @@ def _contrast_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecor
                 "stage",
                 *(h for _, h, _, _ in PAIRED_METRICS),
                 f"U†: {a} / {b}",
+                "Δ U† over seeds",
                 f"ref. ppl: {a} / {b}",
+                "Δ ref. ppl over seeds",
             ]
         ),
     ]
@@ -122,14 +126,20 @@ def _contrast_summary(grid: Grid, main: list[Cell], records: dict[str, CellRecor
                 format_interval(change(grid, *first, key), scale, fmt)
                 for key, _, scale, fmt in PAIRED_METRICS
             ]
-            over_seeds = [
-                " / ".join(
-                    _over_seeds([records[c.key] for c in cells], key, fmt) for cells in series
-                )
-                for key, fmt in (("u_dagger", ".1f"), ("reference_perplexity", ".2f"))
-            ]
+            over_seeds = []
+            for key, fmt in (("u_dagger", ".1f"), ("reference_perplexity", ".2f")):
+                seeds = [[records[c.key] for c in cells] for cells in series]
+                over_seeds.append(" / ".join(_over_seeds(r, key, fmt) for r in seeds))
+                values = [_seed_values(r, key) for r in seeds]
+                over_seeds.append(format_interval(welch_difference(*values), 1, "+" + fmt))
             lines.append(f"| {sparsity:g} | {stage} | " + " | ".join(diffs + over_seeds) + " |")
     return lines
+
+
+def _seed_values(records: list[CellRecord], key: str) -> list[float]:
+    """A summary figure of each finished seed that has it."""
+    values = [r.summary.get(key) for r in records if r.done]
+    return [v for v in values if v is not None]
 
 
 def _over_seeds(records: list[CellRecord], key: str, fmt: str) -> str:
