@@ -4,7 +4,7 @@ Where things live: heads and neurons are masked and sliced in ``models/llama.py`
 combined in ``utility/combine.py`` (the utility: ``utility/comprehensive.py``) from the metrics
 in ``core/metrics.py``; the round loop is ``methods/bonsai.py``; ``api.prune`` is the entry
 point, ``recover.recover`` distils, ``eval.gsm8k.evaluate`` evaluates and
-``eval.compare.compare_evaluations`` sets two evaluations side by side.
+``eval.compare.compare_evaluations`` sets an evaluation beside a baseline's.
 """
 
 __version__ = "0.1.0"
@@ -16,6 +16,7 @@ from bonsai_prune.errors import (
     BonsaiPruneError,
     ConfigError,
     DataError,
+    MemoryBudgetError,
     ModelLoadError,
     PruningError,
     RunDirectoryError,
@@ -29,6 +30,7 @@ __all__ = [
     "BonsaiPruneError",
     "ConfigError",
     "DataError",
+    "MemoryBudgetError",
     "ModelLoadError",
     "Problem",
     "PruneConfig",
