@@ -64,10 +64,12 @@ def saved_bytes(
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
+    # the graph holds every saved tensor until the loss is dropped: no address is reused
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         logits = scored_logits(student, batch, autocast_dtype)
         teacher_logits = torch.zeros(logits.shape, dtype=teacher_dtype)
-        step_loss(logits, teacher_logits, batch.labels, config)
+        loss = step_loss(logits, teacher_logits, batch.labels, config)[0]
+    del loss
     return sum(storages.values())
 
 
@@ -91,8 +93,8 @@ def probe_step_memory(
     copies = max(0, int(at_short - short * per_token))
     vocab = student.config.vocab_size
     logits_dtype = autocast_dtype or torch.float32
-    teacher_bytes = _itemsize(teacher_dtype) if config.kl_weight else 0
-    per_token += vocab * (teacher_bytes + _itemsize(logits_dtype))
+    teacher_bytes = teacher_dtype.itemsize if config.kl_weight else 0
+    per_token += vocab * (teacher_bytes + logits_dtype.itemsize)
     return StepMemory(
         state_bytes=3 * 4 * trained + copies,
         row_bytes=int(config.max_length * per_token),
@@ -110,7 +112,3 @@ def rows_that_fit(memory: StepMemory, batch_size: int, free: int | None) -> int:
     if budget < memory.row_bytes:
         return 0
     return min(batch_size, int(budget // memory.row_bytes))
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
