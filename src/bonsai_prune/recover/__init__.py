@@ -19,11 +19,10 @@ Minitron (arXiv 2407.14679) and self-data distillation (arXiv 2410.09982) are th
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -186,7 +185,7 @@ def recover(
         sequences,
         plan,
         eval_batches,
-        dataclasses.replace(config, micro_batch_size=micro_batch),
+        replace(config, micro_batch_size=micro_batch),
         pad_id=tokenizer.pad_token_id,
         ckpt_dir=out / "checkpoints",
         autocast_dtype=autocast,
