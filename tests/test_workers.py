@@ -112,28 +112,35 @@ PER_FORWARD = 2
 
 
 def _survive_a_death(tokenizer, workers: WorkersConfig, kill) -> None:
-    """Kill worker 0 after the first chunk; the round, and the next one, give the serial scores.
+    """Kill worker 0 right after it is handed its second chunk; the round, and the next one,
+    give the serial scores.
 
-    Chunks of 2 sub-models: the 8 masks make 4 chunks, so the killed worker leaves some behind."""
+    Chunks of 2 sub-models: the 8 masks make 4 chunks, 2 in flight per worker. The kill comes
+    after the submit, so both of the victim's chunks are certainly in flight: killing it after
+    a chunk *completes* raced its already finished results (CI saw no chunk to re-run)."""
     model, adapter, batch, utility, masks = _round_inputs(tokenizer)
     keeps: list[torch.Tensor] = []
     pool = open_pool(workers, model, keeps, utility, score_masks)
     try:
         victim = pool.backend.live()[0]
-        killed = []
+        handed: list[int] = []
+        submit = pool.backend.submit
 
-        def on_chunk(n_done: int, worker: int) -> None:
-            if not killed:
-                killed.append(victim)
-                kill(pool.backend, victim)
+        def submit_then_kill(worker, task, state, job) -> None:
+            submit(worker, task, state, job)
+            if worker == victim:
+                handed.append(task)
+                if len(handed) == 2:
+                    kill(pool.backend, victim)
 
-        pool.on_chunk = on_chunk
+        pool.backend.submit = submit_then_kill
         expected = score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False)
         assert torch.equal(
             pool.score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False), expected
         )
         assert pool.stats.n_deaths == 1 and pool.stats.n_rerun >= 1
         assert victim not in pool.backend.live()
+        pool.backend.submit = submit
 
         # next round: the dead worker is replaced and replays the round's keep mask
         keep = torch.ones(adapter.layout(model).n_units, dtype=torch.bool)
@@ -141,7 +148,6 @@ def _survive_a_death(tokenizer, workers: WorkersConfig, kill) -> None:
         adapter.slice(model, keep)
         keeps.append(keep)
         masks = masks[:, keep]
-        pool.on_chunk = None
         expected = score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False)
         assert torch.equal(
             pool.score_masks(adapter, model, utility, batch, masks, PER_FORWARD, False), expected
