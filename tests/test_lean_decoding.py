@@ -169,6 +169,41 @@ def test_packed_weights_decode_as_plain_ones(dtype, monkeypatch):
     assert torch.equal(packed, plain) and torch.equal(hooked, plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", LEAN)
+def test_norms_and_rotary_take_fewer_ops_for_the_same_floats(family, dtype):
+    """The decoder's RMS norm (no fp32 casts in fp32) and rotary embedding (q and k in one go,
+    a roll and a sign-folded sine) give transformers' floats bit for bit; a norm of another
+    formula is called as it is."""
+    import importlib
+
+    from bonsai_prune.models.decoding import _norm, _rope, _signed_sin
+
+    model = build(family).to(dtype)
+    body = model.model
+    generator = torch.Generator().manual_seed(1)
+    h = torch.randn(3, 1, model.config.hidden_size, generator=generator).to(dtype) * 4
+    norms = [body.norm, *(layer.post_attention_layernorm for layer in body.layers)]
+    for norm in norms:
+        fast = _norm(norm)
+        assert fast is not norm, f"{type(norm).__name__}: the fast norm was not taken"
+        assert torch.equal(fast(h), norm(h))
+    layer_norm = torch.nn.LayerNorm(model.config.hidden_size).to(dtype)
+    assert _norm(layer_norm) is layer_norm
+
+    modeling = importlib.import_module(type(model).__module__)
+    attn = body.layers[0].self_attn
+    d = attn.head_dim
+    q = torch.randn(3, attn.config.num_attention_heads, 1, d, generator=generator).to(dtype)
+    k = torch.randn(3, attn.config.num_key_value_heads, 1, d, generator=generator).to(dtype)
+    cos, sin = body.rotary_emb(h, torch.tensor([[5], [17], [40]]))
+    want_q, want_k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    # the decoder's layout: (B, heads, d) with the step's (B, 1, d) cos/sin on the heads axis
+    qk = torch.cat([q, k], dim=1)[:, :, 0]
+    got = _rope(qk, cos, _signed_sin(sin))
+    assert torch.equal(got, torch.cat([want_q, want_k], dim=1)[:, :, 0])
+
+
 def test_stop_ends_rows_as_transformers_and_pads_them():
     from transformers import StoppingCriteria, StoppingCriteriaList
 
