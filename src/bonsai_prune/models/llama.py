@@ -24,6 +24,7 @@ per-head-dim norms and a head_dim that is not hidden / heads are handled here.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -52,7 +53,7 @@ def slice_linear(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
         bias = bias.index_select(0, rows) if bias is not None else None
     if cols is not None:
         weight = weight.index_select(1, cols.to(weight.device))
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    new = empty_linear(weight.shape[1], weight.shape[0], bias is not None)
     new.weight = nn.Parameter(weight.clone(), requires_grad=False)
     if bias is not None:
         new.bias = nn.Parameter(bias.clone(), requires_grad=False)
@@ -60,8 +61,12 @@ def slice_linear(linear: nn.Linear, rows=None, cols=None) -> nn.Linear:
 
 
 def empty_linear(n_in: int, n_out: int, bias: bool) -> nn.Linear:
-    """A shape-only Linear on the meta device, filled later by ``load_state_dict(assign=True)``."""
-    return nn.Linear(n_in, n_out, bias=bias, device="meta")
+    """A shape-only Linear on the meta device, filled later (``load_state_dict(assign=True)``,
+    or its parameters set). A 0-wide one (an emptied MLP) would make torch warn the user that
+    initialising it is a no-op: nothing reads those weights, so the warning is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors", UserWarning)
+        return nn.Linear(n_in, n_out, bias=bias, device="meta")
 
 
 def head_channels(units: torch.Tensor, width: int) -> torch.Tensor:
