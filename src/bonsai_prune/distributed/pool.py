@@ -352,7 +352,6 @@ class EvaluatorPool:
         self.stats = PoolStats(n_workers)
         self.max_restarts = n_workers if max_restarts is None else max_restarts
         self.version = 0
-        self.on_chunk: Callable[[int, int], None] | None = None  # (task, worker): tests
 
     def score_masks(
         self,
@@ -417,8 +416,6 @@ class EvaluatorPool:
             def on_done(task: int, worker: int) -> None:
                 bar.update(sizes[task])
                 bar.set_postfix(workers=len(self.backend.live()))
-                if self.on_chunk is not None:
-                    self.on_chunk(task, worker)
 
             return run_jobs(self.backend, state, jobs, self.stats, self.max_restarts, on_done)
 
