@@ -358,10 +358,10 @@ class _Decoder:
         body = self.model.model
         h = body.embed_tokens(tokens[:, None])  # (B, 1, hidden)
         cos, sin = body.rotary_emb(h, positions[:, None])  # (B, 1, d)
-        sin = _signed_sin(sin)
+        signed_sin = _signed_sin(sin)
         masks: dict[int | None, torch.Tensor | None] = {}
         for index, spec in enumerate(self.layers):
-            h = h + self._attention(index, spec, h, cos, sin, slot, masks)
+            h = h + self._attention(index, spec, h, cos, signed_sin, slot, masks)
             mlp = spec.layer.mlp
             gate, up = _linear(spec.post_norm(h), *spec.gate_up).chunk(2, dim=-1)
             h = h + _project(mlp.down_proj, spec.down, mlp.act_fn(gate) * up)
@@ -377,7 +377,7 @@ class _Decoder:
             masks[window] = None if bool(allowed.all()) else allowed[:, None, None, :]
         return masks[window]
 
-    def _attention(self, index, spec: _Layer, h, cos, sin, slot: int, masks) -> torch.Tensor:
+    def _attention(self, index, spec: _Layer, h, cos, signed_sin, slot: int, masks) -> torch.Tensor:
         layer = spec.layer
         attn = layer.self_attn
         if spec.qkv is None:  # emptied: zero, plus the o_proj bias a model may have had
@@ -386,10 +386,11 @@ class _Decoder:
         qkv = _linear(spec.input_norm(h), *spec.qkv).view(b, spec.n_q + 2 * spec.n_kv, d)
         if hasattr(attn, "q_norm"):  # Qwen3: RMS norm over each head's dims, then rotary
             q, k, v = qkv.split([spec.n_q, spec.n_kv, spec.n_kv], dim=1)
-            q, k = _rope(attn.q_norm(q), cos, sin), _rope(attn.k_norm(k), cos, sin)
+            q = _rope(attn.q_norm(q), cos, signed_sin)
+            k = _rope(attn.k_norm(k), cos, signed_sin)
         else:  # q and k side by side: rotated in one go
             qk, v = qkv.split([spec.n_q + spec.n_kv, spec.n_kv], dim=1)
-            q, k = _rope(qk, cos, sin).split([spec.n_q, spec.n_kv], dim=1)  # (B, heads, d)
+            q, k = _rope(qk, cos, signed_sin).split([spec.n_q, spec.n_kv], dim=1)  # (B, heads, d)
         self.k[index][:, :, slot], self.v[index][:, :, slot] = k, v
         if spec.slots is None:
             grouped = q.reshape(b, spec.n_kv, spec.group, d)
